@@ -1,0 +1,188 @@
+"""
+The guest's console: one pty slave, opened once, read and written through the reactor.
+
+Only one process should have a console pty open: two readers would each get part of the
+guest's output. We open it once, read-write, non-blocking, without making it our
+controlling terminal, and (by default) put it in raw mode so the kernel's line
+discipline never echoes, translates or swallows a byte behind the guest's back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import termios
+import tty
+from typing import Any, Callable
+
+from twisted.internet import error, fdesc, main
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorFDSet
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Bytes asked for per read(2). In raw mode the n_tty line discipline hands out at most
+#: about 4 KiB per call most of the time, so the size matters less than reading until
+#: EAGAIN; a larger buffer lets the occasional big read through in one call.
+READ_SIZE = 64 * 1024
+
+#: Most bytes read in one wake-up before yielding to the reactor, so a guest flooding
+#: its console cannot starve the clients (or the input path) of the reactor's time.
+READ_PER_TURN = 256 * 1024
+
+
+class PtyOpenError(Exception):
+    """The console could not be opened: a message an operator can act on."""
+
+
+def open_tty(path: str, raw: bool) -> tuple[int, list[Any] | None]:
+    """
+    Open C{path} read-write, non-blocking, close-on-exec and without making it the
+    controlling terminal; refuse anything that is not a terminal.
+
+    @return: the descriptor and the terminal attributes to restore on close (C{None}
+        when C{raw} is false and nothing was changed).
+    @raise PtyOpenError: the path does not exist, is not a terminal, or cannot be opened.
+    """
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise PtyOpenError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISCHR(mode) or not os.isatty(fd):
+            raise PtyOpenError(f"{path} is not a terminal (pty) device")
+        saved: list[Any] | None = None
+        if raw:
+            saved = termios.tcgetattr(fd)
+            tty.setraw(fd, termios.TCSANOW)
+    except PtyOpenError:
+        os.close(fd)
+        raise
+    except (OSError, termios.error) as e:
+        os.close(fd)
+        raise PtyOpenError(f"cannot set up {path}: {e}") from e
+    return fd, saved
+
+
+class PtyDevice(FileDescriptor):
+    """
+    Reads the guest's output and writes its input on one pty descriptor.
+
+    One selectable for both directions: the epoll reactor keeps one object per
+    descriptor, so a separate reader and writer on the same fd would steal each other's
+    events. Writes are buffered by L{FileDescriptor} and flushed as the guest reads; a
+    producer registered here (the multiplexer's input gate) is paused when that buffer
+    passes L{bufferSize}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        on_output: Callable[[bytes], None],
+        on_lost: Callable[[str], None],
+        saved_attributes: list[Any] | None = None,
+        reactor: IReactorFDSet | None = None,
+    ) -> None:
+        FileDescriptor.__init__(self, reactor)  # type: ignore[arg-type]
+        self.fd = fd
+        self.path = path
+        self._on_output = on_output
+        self._on_lost = on_lost
+        self._saved_attributes = saved_attributes
+        self._closing_on_purpose = False
+        self.connected = 1
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        raw: bool,
+        on_output: Callable[[bytes], None],
+        on_lost: Callable[[str], None],
+        reactor: IReactorFDSet | None = None,
+    ) -> PtyDevice:
+        """Open C{path} (see L{open_tty}); reading starts with L{startReading}."""
+        fd, saved = open_tty(path, raw)
+        device = cls(fd, path, on_output, on_lost, saved, reactor)
+        cls._log.info("pty {path} opened (raw: {raw})", path=path, raw=raw)
+        return device
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """
+        Close now, on purpose (shutdown): input still buffered for a guest that is not
+        reading is dropped rather than holding the shutdown up, and nobody is told the
+        console was lost.
+        """
+        if self.fd < 0:
+            return
+        self._closing_on_purpose = True
+        self.stopReading()
+        self.stopWriting()
+        self.connectionLost(Failure(error.ConnectionDone("closed by cloud-console")))
+
+    def doRead(self) -> Any:
+        """
+        Read until the pty has nothing more (or L{READ_PER_TURN}), then hand the whole
+        burst on at once: one wake-up, one chunk, one frame per client.
+        """
+        pieces = []
+        total = 0
+        fd = self.fd
+        while total < READ_PER_TURN:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    # The other side hung up: an ordinary end of the console.
+                    if pieces:
+                        self._on_output(b"".join(pieces))
+                    return main.CONNECTION_DONE
+                if pieces:
+                    self._on_output(b"".join(pieces))
+                return main.CONNECTION_LOST
+            if not data:
+                if pieces:
+                    self._on_output(b"".join(pieces))
+                return main.CONNECTION_DONE
+            pieces.append(data)
+            total += len(data)
+        if pieces:
+            self._on_output(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return None
+
+    def writeSomeData(self, data: bytes) -> Any:
+        return fdesc.writeToFD(self.fd, data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Restore the terminal, close the descriptor, and report why the console ended."""
+        FileDescriptor.connectionLost(self, reason)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            if self._saved_attributes is not None:
+                try:
+                    termios.tcsetattr(fd, termios.TCSANOW, self._saved_attributes)
+                except (OSError, termios.error):
+                    pass  # the other side is gone; nothing left to restore
+            os.close(fd)
+        if self._closing_on_purpose:
+            self._log.info("pty {path} closed", path=self.path)
+            return
+        if reason.check(error.ConnectionDone):
+            why = f"pty {self.path} hung up"
+        else:
+            why = f"pty {self.path} failed: {reason.getErrorMessage()}"
+        self._log.info("pty lost: {why}", why=why, path=self.path)
+        self._on_lost(why)

@@ -1,0 +1,143 @@
+"""
+The one place the console's objects are wired together, for both entry points.
+
+Service order matters: the multiplexer starts first and stops last, so the listening
+ports close before the clients are closed, and the clients are closed (with close frames)
+before the pty and the log file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from .logfile import LogFileError, LogFileSink
+from .multiplexer import Multiplexer
+from .ptydevice import PtyDevice, PtyOpenError
+from .web import ConsoleSite, build_site
+from .websocket import ConsoleServerFactory, ConsoleSettings
+
+#: Exit status when the console (pty) could not be opened or went away: the original's.
+EXIT_CONSOLE_FAILED = 2
+
+
+class StartupError(Exception):
+    """The pty or the log file could not be opened; the message says which and why."""
+
+
+class ConsoleService(MultiService):
+    """
+    The whole daemon. Records why it stopped, so the entry points can exit with the
+    status an operator expects: 0 for a requested stop, 2 when the console went away.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, multiplexer: Multiplexer) -> None:
+        MultiService.__init__(self)
+        self.reactor = reactor
+        self.multiplexer = multiplexer
+        self.exit_status = 0
+        self.log_sink: LogFileSink | None = None
+        self.site: ConsoleSite | None = None
+        self.websocket_factory: ConsoleServerFactory | None = None
+        self._previous_sighup: Any = None
+        multiplexer.when_console_closed(self._console_closed)
+
+    def _console_closed(self, reason: str) -> None:
+        self.exit_status = EXIT_CONSOLE_FAILED
+        self._log.error(
+            "console closed ({reason}); exiting with status {status}",
+            reason=reason,
+            status=EXIT_CONSOLE_FAILED,
+        )
+        if self.running:
+            # Let the close frames go out; stopping the services then waits for them.
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        if self.log_sink is not None and hasattr(signal, "SIGHUP"):
+            sink, reactor = self.log_sink, self.reactor
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(sink.reopen)
+            )
+
+    def stopService(self) -> Any:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        return MultiService.stopService(self)
+
+
+def build_service(options: Any, reactor: Any) -> ConsoleService:
+    """
+    Build the daemon from parsed L{cloud_console.tap.Options}.
+
+    The pty and the log file are opened here, before the reactor runs (and before twistd
+    drops privileges), so a console that cannot be opened is reported at once.
+
+    @raise StartupError: the pty or the log file cannot be opened.
+    """
+    multiplexer = Multiplexer(options["history-size"], read_only=bool(options["read-only"]))
+    try:
+        device = PtyDevice.open(
+            options["pty"],
+            raw=not options["no-raw"],
+            on_output=multiplexer.output_received,
+            on_lost=multiplexer.console_lost,
+            reactor=reactor,
+        )
+    except PtyOpenError as e:
+        raise StartupError(str(e)) from e
+    multiplexer.connect_pty(device)
+    console = ConsoleService(reactor, multiplexer)
+    multiplexer.setServiceParent(console)
+    if options["log-file"]:
+        try:
+            sink = LogFileSink(options["log-file"], multiplexer)
+        except LogFileError as e:
+            device.close()
+            raise StartupError(str(e)) from e
+        sink.setServiceParent(console)
+        console.log_sink = sink
+    settings = ConsoleSettings(
+        title=options["title"] or options["pty"],
+        client_buffer=options["client-buffer"],
+        ack_window=options["ack-window"],
+    )
+    site, factory = build_site(multiplexer, settings, options["static-dir"])
+    console.site = site
+    console.websocket_factory = factory
+    for description in options["port"]:
+        strports.service(description, site, reactor=reactor).setServiceParent(console)
+    return console
+
+
+def exit_with_status_after_twistd(console: ConsoleService) -> None:
+    """
+    Make twistd exit with the console's status.
+
+    twistd has no exit-status API: it returns normally after the reactor stops, so the
+    process would end with 0 even when the console went away. This registers an exit hook
+    that, only when the status is not 0, flushes output and ends the process with it.
+    """
+
+    def exit_with_status() -> None:
+        if console.exit_status:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(console.exit_status)
+
+    atexit.register(exit_with_status)

@@ -1,0 +1,124 @@
+"""
+The twistd plugin's options and service: C{twistd -n cloudconsole --pty PATH ...}.
+
+The positional command line (L{cloud_console.cli}) parses with the same L{Options} and
+builds with the same L{cloud_console.service.build_service}.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+DEFAULT_PORT = "tcp:port=8080:interface=127.0.0.1"
+DEFAULT_HISTORY_SIZE = 80_000
+DEFAULT_CLIENT_BUFFER = 256 * 1024
+DEFAULT_ACK_WINDOW = 1024 * 1024
+
+
+def _positive_int(name: str) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a whole number of bytes, not {value!r}")
+        if number <= 0:
+            raise usage.UsageError(f"--{name} must be positive, not {number}")
+        return number
+
+    return parse
+
+
+class Options(usage.Options):
+    """Everything an operator can set; checked here so mistakes are usage errors."""
+
+    synopsis = "--pty PATH [--port ENDPOINT ...] [options]"
+    longdesc = (
+        "Serve a pty (a virtual machine's serial console, or any program's pty) as a "
+        "web terminal shared by every browser that connects. --port takes a Twisted "
+        "endpoint description, e.g. tcp:port=8080:interface=127.0.0.1, "
+        "ssl:port=8443:privateKey=key.pem:certKey=cert.pem, unix:/run/console.sock, "
+        "systemd:domain=INET:index=0; give it more than once to listen on several."
+    )
+
+    optFlags = [
+        ["no-raw", None, "Leave the pty's line discipline alone (default: raw mode)."],
+        ["read-only", None, "Discard every client's input (counted, and the page says so)."],
+    ]
+    optParameters = [
+        ["pty", None, None, "Path of the pty slave to serve, e.g. /dev/pts/7 (required)."],
+        ["log-file", None, None, "Append all console output to this file (reopened on SIGHUP)."],
+        [
+            "history-size",
+            None,
+            DEFAULT_HISTORY_SIZE,
+            "Bytes of output kept and replayed to new clients.",
+            _positive_int("history-size"),
+        ],
+        [
+            "client-buffer",
+            None,
+            DEFAULT_CLIENT_BUFFER,
+            "Unsent bytes per client before it is paused and catches up from the history.",
+            _positive_int("client-buffer"),
+        ],
+        [
+            "ack-window",
+            None,
+            DEFAULT_ACK_WINDOW,
+            "Bytes a page may have unrendered (cloud-console.v1) before it is paused.",
+            _positive_int("ack-window"),
+        ],
+        ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
+        ["title", None, None, "The page's title (default: the pty path)."],
+    ]
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["port"] = []
+
+    def opt_port(self, description: str) -> None:
+        """
+        Listen on this Twisted endpoint (repeatable);
+        default tcp:port=8080:interface=127.0.0.1.
+        """
+        try:
+            serverFromString(None, description)  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise usage.UsageError(f"--port {description!r} is not a valid endpoint: {e}")
+        self["port"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["pty"]:
+            raise usage.UsageError("--pty PATH is required (the pty slave to serve)")
+        if not self["port"]:
+            self["port"] = [DEFAULT_PORT]
+        if self["static-dir"] is not None:
+            from pathlib import Path
+
+            if not Path(self["static-dir"]).is_dir():
+                raise usage.UsageError(f"--static-dir {self['static-dir']!r} is not a directory")
+        if self["title"] is None:
+            self["title"] = self["pty"]
+
+
+def makeService(options: Options) -> IService:
+    """
+    twistd's entry point. A console that cannot be opened ends twistd with status 2 and
+    a message (as the positional command does), not a traceback.
+    """
+    from twisted.internet import reactor
+
+    from .service import StartupError, build_service, exit_with_status_after_twistd
+
+    try:
+        console = build_service(options, reactor)
+    except StartupError as e:
+        sys.stderr.write(f"cloud-console: {e}\n")
+        raise SystemExit(2)
+    exit_with_status_after_twistd(console)
+    return console

@@ -1,0 +1,159 @@
+"""
+The one port: the terminal page and its assets at C{/}, the console at C{/ws}, and the
+history as a download at C{/history}.
+
+Everything the page needs is served from here (no external requests), under a strict
+Content-Security-Policy, with text assets gzipped and directory listings off.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
+from twisted.web import pages, resource, static
+from twisted.web.server import GzipEncoderFactory, Request, Site
+
+from .multiplexer import Multiplexer
+from .websocket import ConsoleServerFactory, ConsoleSettings
+
+#: Types set explicitly: the system's mime table (which L{static.File} reads) may lack
+#: them or name them differently, and a wrong type breaks the page under C{nosniff}.
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".map": "application/json",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+#: Text types worth compressing; fonts and images are compressed already.
+COMPRESSIBLE = {".html", ".js", ".mjs", ".css", ".map", ".json", ".svg", ".txt"}
+
+SECURITY_HEADERS = {
+    b"content-security-policy": (
+        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
+        b"style-src 'self' 'unsafe-inline'; font-src 'self'; object-src 'none'; "
+        b"base-uri 'none'; frame-ancestors 'none'"
+    ),
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"x-frame-options": b"DENY",
+}
+
+
+def packaged_assets() -> Path:
+    """Where the package build put the frontend (C{cloud_console/web_assets})."""
+    return Path(str(importlib.resources.files("cloud_console") / "web_assets"))
+
+
+class StaticFiles(static.File):
+    """
+    Static files without directory listings, with explicit types, gzip for text.
+
+    Path traversal (C{..}, encoded or not) is refused by L{static.File.child}, which
+    rejects segments that leave the directory.
+    """
+
+    contentTypes = CONTENT_TYPES
+    indexNames = ["index.html"]
+
+    def directoryListing(self) -> resource.IResource:
+        return pages.notFound("No Such Resource", "Directory listings are disabled.")
+
+    def getChild(self, path: bytes, request: Request) -> resource.IResource:
+        child = static.File.getChild(self, path, request)
+        if isinstance(child, static.File) and child.isfile():
+            if child.splitext()[1].lower() in COMPRESSIBLE:
+                return resource.EncodingResourceWrapper(child, [GzipEncoderFactory()])
+        return child
+
+
+class HistoryDownload(resource.Resource):
+    """C{GET /history}: the output the server holds, as a file (the page's download)."""
+
+    isLeaf = True
+
+    def __init__(self, multiplexer: Multiplexer) -> None:
+        resource.Resource.__init__(self)
+        self.multiplexer = multiplexer
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-disposition", b'attachment; filename="console.log"')
+        request.setHeader(b"cache-control", b"no-store")
+        return self.multiplexer.history.contents()
+
+
+class MissingFrontend(resource.Resource):
+    """Stands in for the page when the frontend was not built, and says how to build it."""
+
+    isLeaf = True
+
+    def __init__(self, where: Path) -> None:
+        resource.Resource.__init__(self)
+        self.where = where
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (
+            f"The terminal page was not built ({self.where} is missing).\n"
+            "Install the package with pip (it runs the frontend build), or run\n"
+            "  npm --prefix static ci && npm --prefix static run build\n"
+            "The WebSocket at /ws works without it.\n"
+        ).encode("utf-8")
+
+
+class ConsoleSite(Site):
+    """
+    The site: adds the security headers to every response and keeps request lines out
+    of the log (the console's own events say who attached).
+    """
+
+    _log = Logger()
+
+    def getResourceFor(self, request: Request) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return Site.getResourceFor(self, request)
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def build_site(
+    multiplexer: Multiplexer,
+    settings: ConsoleSettings,
+    static_dir: str | Path | None = None,
+) -> tuple[ConsoleSite, ConsoleServerFactory]:
+    """
+    The console's web site.
+
+    @param static_dir: serve the page from this directory (read on every request, so a
+        rebuilt frontend is served without a restart); default the packaged build.
+    @return: the site and the WebSocket factory behind C{/ws}.
+    """
+    factory = ConsoleServerFactory(multiplexer, settings)
+    where = Path(static_dir) if static_dir is not None else packaged_assets()
+    root: resource.Resource
+    if (where / "index.html").is_file():
+        root = StaticFiles(str(where))
+    else:
+        Logger().warn("frontend not found in {where}; serving a notice at /", where=str(where))
+        root = resource.Resource()
+        root.putChild(b"", MissingFrontend(where))
+    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"history", HistoryDownload(multiplexer))
+    return ConsoleSite(root), factory

@@ -1,0 +1,333 @@
+"""
+The WebSocket side of the console: one Autobahn protocol per browser.
+
+Two protocols share the connection class:
+
+ - no subprotocol: the original's protocol, byte for byte. Output is binary messages of
+   pty bytes (history first); input is any message, text as UTF-8;
+ - C{cloud-console.v1}: output messages carry their offset, the client acknowledges what
+   it has rendered, can resume from an offset after a reconnect, and hears status events
+   (clients, gaps, closing) as JSON text, never mixed into the terminal's bytes.
+
+Flow control is the multiplexer's pause/cursor mechanism, driven from two places: the
+transport (a push producer registered here is paused when more than C{client_buffer}
+bytes are unsent) and, for v1, the client's acknowledgements (paused when more than
+C{ack_window} bytes are sent but not yet rendered by the page).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .multiplexer import (
+    CLOSE_LAGGING,
+    Attachment,
+    Chunk,
+    IConsoleClient,
+    Multiplexer,
+)
+
+#: The subprotocol with offsets, acknowledgements, resume and status messages.
+SUBPROTOCOL_V1 = "cloud-console.v1"
+
+_OFFSET = struct.Struct("!Q")
+
+
+@dataclass
+class ConsoleSettings:
+    """What every connection of one server shares."""
+
+    title: str = "cloud-console"
+    #: Unsent bytes a connection's transport may hold before the client is paused.
+    client_buffer: int = 256 * 1024
+    #: Bytes sent to a v1 client but not yet acknowledged before it is paused.
+    ack_window: int = 1024 * 1024
+    #: Largest input message accepted from a client.
+    max_message_size: int = 1024 * 1024
+    #: Extra allowed origins (C{scheme://host[:port]}); C{"*"} allows any.
+    allowed_origins: list[str] = field(default_factory=list)
+
+
+@implementer(IPushProducer)
+class _TransportFlow:
+    """
+    The push producer a connection registers with its transport: the transport pauses
+    it when its buffer passes the client's limit and resumes it once drained.
+    """
+
+    def __init__(self, protocol: ConsoleServerProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        attachment = self.protocol.attachment
+        if attachment is not None:
+            attachment.pause("transport")
+
+    def resumeProducing(self) -> None:
+        attachment = self.protocol.attachment
+        if attachment is not None:
+            attachment.resume("transport")
+
+    def stopProducing(self) -> None:
+        self.protocol.detach()
+
+
+@implementer(IConsoleClient)
+class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+    """One browser (or any WebSocket client) attached to the console."""
+
+    _log = Logger()
+    factory: ConsoleServerFactory
+
+    attachment: Attachment | None = None
+    v1 = False
+    _resume_from: int | None = None
+    _resume_session: str | None = None
+    _acked = 0
+    _closed: Deferred[None] | None = None
+    _gone = False
+    _peer = "?"
+
+    # -- handshake -------------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        """Pick the protocol and note where a resuming v1 client wants to start."""
+        self._peer = request.peer
+        self.v1 = SUBPROTOCOL_V1 in request.protocols
+        if self.v1:
+            values = request.params.get("from")
+            if values:
+                try:
+                    resume_from = int(values[0])
+                    if resume_from < 0:
+                        raise ValueError
+                except ValueError:
+                    raise ConnectionDeny(400, "'from' must be a byte offset (an integer >= 0)")
+                self._resume_from = resume_from
+                sessions = request.params.get("session")
+                self._resume_session = sessions[0] if sessions else None
+            return SUBPROTOCOL_V1
+        return None
+
+    def onOpen(self) -> None:
+        """
+        Take over flow control of the transport and attach to the console.
+
+        twisted.web's channel stays registered as the transport's producer after the
+        upgrade, so it is unregistered before ours goes in.
+        """
+        settings = self.factory.settings
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = settings.client_buffer
+        transport.registerProducer(_TransportFlow(self), True)
+        multiplexer = self.factory.multiplexer
+        self._closed = Deferred()
+        if multiplexer.closed_reason is not None:
+            self.close(4001, f"console closed: {multiplexer.closed_reason}")
+            return
+        resume_from = None
+        if self.v1:
+            resume_from = self._start_v1(multiplexer)
+        self.attachment = multiplexer.attach(self, resume_from)
+
+    def _start_v1(self, multiplexer: Multiplexer) -> int | None:
+        """
+        Say hello, and decide where this client's stream starts: after the offset it
+        holds if it is resuming this session, else the whole history. A client resuming
+        another session (the server restarted) is told to reset first.
+        """
+        history = multiplexer.history
+        offset = self._resume_from
+        session = self._resume_session
+        restarted = offset is not None and (
+            (session is not None and session != multiplexer.session) or offset > history.end
+        )
+        if offset is None or restarted:
+            offset = None
+        self._acked = history.start if offset is None else offset
+        self._send_event(
+            "hello",
+            version=1,
+            session=multiplexer.session,
+            title=self.factory.settings.title,
+            offset=self._acked,
+            historyStart=history.start,
+            historyEnd=history.end,
+            clients=multiplexer.viewer_count + 1,
+            readOnly=multiplexer.read_only,
+        )
+        if restarted:
+            self._send_event(
+                "gap", reason="restart", lost=None, **{"from": None, "to": history.start}
+            )
+        return offset
+
+    # -- input -----------------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Binary is input; text is input (original protocol) or a v1 control message."""
+        attachment = self.attachment
+        if attachment is None:
+            return
+        if isBinary or not self.v1:
+            attachment.send_input(payload)
+            if attachment.input_discarded and self.v1:
+                self._send_event("input-discarded", bytes=attachment.input_discarded)
+            return
+        self._control(payload)
+
+    def _control(self, payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+            kind = message["type"]
+        except (ValueError, TypeError, KeyError):
+            self._log.info("peer {peer} sent a malformed control message", peer=self._peer)
+            self.sendClose(4002, "malformed control message")
+            return
+        if kind == "ack":
+            offset = message.get("offset")
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                self.sendClose(4002, "ack offset must be an integer")
+                return
+            self.acknowledge(offset)
+        else:
+            self._log.debug("peer {peer} sent unknown control {kind!r}", peer=self._peer, kind=kind)
+
+    def acknowledge(self, offset: int) -> None:
+        """The page has rendered every byte before C{offset}."""
+        attachment = self.attachment
+        if attachment is None:
+            return
+        offset = min(offset, attachment.cursor)
+        if offset <= self._acked:
+            return
+        self._acked = offset
+        if "acks" in attachment.pause_reasons:
+            if attachment.cursor - offset <= self.factory.settings.ack_window // 2:
+                attachment.resume("acks")
+
+    # -- IConsoleClient --------------------------------------------------------------
+
+    def output(self, chunk: Chunk) -> None:
+        if self.v1:
+            self.sendPreparedMessage(chunk.framed("v1", self.factory.frame_v1))
+            attachment = self.attachment
+            if attachment is not None:
+                if attachment.cursor - self._acked > self.factory.settings.ack_window:
+                    attachment.pause("acks")
+        else:
+            self.sendPreparedMessage(chunk.framed("raw", self.factory.frame_raw))
+
+    def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
+        """
+        v1: announce the gap and carry on from the oldest byte held (the page resets
+        its terminal). The original protocol has no way to say so, so the client is
+        closed with the "lagging" code and reconnects to repaint from the history.
+        """
+        lost = lost_to - lost_from
+        self._log.info(
+            "peer {peer} lost {lost} bytes ({reason})", peer=self._peer, lost=lost, reason=reason
+        )
+        if self.v1:
+            self._acked = lost_to
+            self._send_event("gap", reason=reason, lost=lost, **{"from": lost_from, "to": lost_to})
+            return True
+        self.close(CLOSE_LAGGING, f"lagging: {lost} bytes fell out of the history")
+        return False
+
+    def clients_changed(self, count: int) -> None:
+        if self.v1:
+            self._send_event("clients", count=count)
+
+    def pause_input(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_input(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def close(self, code: int, reason: str) -> Deferred[None]:
+        """Send a close frame with C{code} and C{reason}; fires once the peer is gone."""
+        if self._gone or self._closed is None:
+            return succeed(None)
+        closed = self._closed
+        self.detach()
+        if self.v1 and code == 4001:
+            self._send_event("closed", reason=reason)
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+        d: Deferred[None] = Deferred()
+        closed.addBoth(lambda result: d.callback(None))
+        return d
+
+    # -- teardown --------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Stop getting output (idempotent)."""
+        attachment, self.attachment = self.attachment, None
+        if attachment is not None:
+            attachment.detach()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.detach()
+        self._gone = True
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed.callback(None)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _send_event(self, kind: str, **fields: Any) -> None:
+        fields["type"] = kind
+        self.sendMessage(json.dumps(fields).encode("utf-8"), isBinary=False)
+
+
+class ConsoleServerFactory(WebSocketServerFactory):  # type: ignore[misc]
+    """Builds L{ConsoleServerProtocol}s for one multiplexer, with one set of options."""
+
+    protocol = ConsoleServerProtocol
+
+    def __init__(self, multiplexer: Multiplexer, settings: ConsoleSettings) -> None:
+        WebSocketServerFactory.__init__(self, server="cloud-console")
+        self.multiplexer = multiplexer
+        self.settings = settings
+        # One call: each call resets the options it is not given.
+        self.setProtocolOptions(
+            # Input is keystrokes and pastes; anything bigger is abuse.
+            maxMessagePayloadSize=settings.max_message_size,
+            maxFramePayloadSize=settings.max_message_size,
+            # Notice peers that vanished without a close frame.
+            autoPingInterval=30,
+            autoPingTimeout=60,
+            # A half-open upgrade must not hold a slot forever.
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            # No status page naming library versions on a plain GET /ws.
+            webStatus=False,
+            # Output is framed once and shared; per-client compression would undo that.
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def frame_raw(self, chunk: Chunk) -> Any:
+        """The original protocol's frame: the bytes alone."""
+        return self.prepareMessage(chunk.data, isBinary=True)
+
+    def frame_v1(self, chunk: Chunk) -> Any:
+        """The v1 frame: the offset of the first byte, then the bytes."""
+        return self.prepareMessage(_OFFSET.pack(chunk.offset) + chunk.data, isBinary=True)
