@@ -1,0 +1,198 @@
+// One console session carried over a succession of WebSockets.
+
+import {
+  ACK_EVERY, CLOSE_CONSOLE_CLOSED, CLOSE_LAGGING, SUBPROTOCOL,
+  ackMessage, backoffDelay, decodeOutput, socketUrl,
+} from './protocol.js';
+
+/**
+ * Connects, resumes from the next offset after any drop (so nothing is shown
+ * twice or skipped), and acknowledges what the screen has rendered: the server
+ * stops sending while too much is unacknowledged.
+ *
+ * The screen is the sink: sink.write(bytes, done) queues bytes and calls done
+ * once they are rendered; sink.reset() queues a full reset behind them.
+ *
+ * The listener hears: state({phase, retryAt, closedReason}) with phase one of
+ * 'connecting', 'connected', 'waiting', 'closed'; hello(message);
+ * gap({reason, from, to, lost}); clients(count); inputDiscarded(bytes).
+ */
+export class ConsoleConnection {
+  constructor(pageHref, sink, listener) {
+    this.pageHref = pageHref;
+    this.sink = sink;
+    this.listener = listener;
+    this.socket = null;
+    this.generation = 0;     // bumped per socket; stale callbacks check it
+    this.connected = false;  // hello received on the current socket
+    this.session = null;     // the server run our offsets belong to
+    this.next = null;        // offset of the next byte to show
+    this.rendered = null;    // every byte before this is on screen
+    this.acked = 0;          // last offset acknowledged on the current socket
+    this.pending = 0;        // writes queued in the terminal
+    this.freshReset = false; // a reset is queued and no byte came since
+    this.gaps = 0;
+    this.lastGap = null;
+    this.attempt = 0;
+    this.retryTimer = null;
+    this.retryAt = null;
+    this.closedReason = null;
+    this.readOnly = false;
+  }
+
+  /** Open a socket now, resuming after the last byte received. */
+  connect() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.retryAt = null;
+    if (this.socket) {
+      this.socket.onclose = null;
+      this.socket.close();
+    }
+    const generation = ++this.generation;
+    const current = () => generation === this.generation;
+    const ws = new WebSocket(socketUrl(this.pageHref, this.next, this.session), SUBPROTOCOL);
+    ws.binaryType = 'arraybuffer';
+    ws.onmessage = (event) => {
+      if (!current()) return;
+      if (typeof event.data === 'string') this.onText(event.data);
+      else this.onOutput(event.data);
+    };
+    ws.onclose = (event) => {
+      if (current()) this.onClose(event.code, event.reason);
+    };
+    ws.onerror = () => {}; // the close event that follows says what matters
+    this.socket = ws;
+    this.connected = false;
+    this.emitState('connecting');
+  }
+
+  /** Reconnect at once if waiting (the network came back, the user asked). */
+  retryNow() {
+    if (this.retryTimer !== null) this.connect();
+  }
+
+  /**
+   * Send input bytes to the guest.
+   * @returns {boolean} false if not connected (the bytes are dropped: replaying
+   *   stale keystrokes later would surprise more than losing them)
+   */
+  send(bytes) {
+    if (!this.connected || this.socket.readyState !== WebSocket.OPEN) return false;
+    this.socket.send(bytes);
+    return true;
+  }
+
+  onText(text) {
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      return;
+    }
+    switch (message.type) {
+      case 'hello': this.onHello(message); break;
+      case 'gap': this.discontinuity(message.reason, message.from, message.to, message.lost); break;
+      case 'clients': this.listener.clients(message.count); break;
+      case 'closed':
+        this.closedReason = bareReason(message.reason);
+        this.emitState('closed');
+        break;
+      case 'input-discarded': this.listener.inputDiscarded(message.bytes); break;
+      default: break; // newer servers may say more
+    }
+  }
+
+  onHello(message) {
+    this.connected = true;
+    this.attempt = 0;
+    this.closedReason = null;
+    this.readOnly = Boolean(message.readOnly);
+    this.acked = message.offset;
+    if (this.next === null) {
+      this.next = message.offset;
+    } else if (message.offset < this.next) {
+      // The server does not have what we showed: it restarted.
+      this.discontinuity('restart', this.next, message.offset, null);
+    }
+    if (message.session !== undefined) this.session = message.session;
+    this.listener.hello(message);
+    this.emitState('connected');
+  }
+
+  /** Bytes [from, to) will never come: clear the screen, carry on from `to`. */
+  discontinuity(reason, from, to, lost) {
+    const gap = { reason, from, to, lost };
+    if (this.freshReset && to === this.next) {
+      // The same break, announced twice (hello, then gap): reset once.
+      this.lastGap = gap;
+      this.listener.gap(gap);
+      return;
+    }
+    this.gaps += 1;
+    this.lastGap = gap;
+    this.freshReset = true;
+    this.next = to;
+    this.sink.reset();
+    this.listener.gap(gap);
+  }
+
+  onOutput(buffer) {
+    const output = decodeOutput(buffer);
+    if (output === null) return;
+    let { offset, bytes } = output;
+    const end = offset + bytes.length;
+    if (this.next === null) this.next = offset;
+    if (offset > this.next) {
+      this.discontinuity('unannounced', this.next, offset, offset - this.next);
+    } else if (offset < this.next) {
+      if (end <= this.next) return; // all shown already
+      bytes = bytes.subarray(this.next - offset);
+    }
+    if (bytes.length === 0) return;
+    this.next = end;
+    this.freshReset = false;
+    this.pending += 1;
+    const generation = this.generation;
+    this.sink.write(bytes, () => this.onRendered(end, generation));
+  }
+
+  onRendered(end, generation) {
+    this.pending -= 1;
+    this.rendered = end;
+    if (generation !== this.generation || !this.connected) return;
+    if (end - this.acked >= ACK_EVERY || this.pending === 0) {
+      if (this.socket.readyState === WebSocket.OPEN) {
+        this.socket.send(ackMessage(end));
+        this.acked = end;
+      }
+    }
+  }
+
+  onClose(code, reason) {
+    this.socket = null;
+    this.connected = false;
+    let floor = 0;
+    if (code === CLOSE_CONSOLE_CLOSED) {
+      // The VM has gone; it may come back, but no need to knock often.
+      if (this.closedReason === null) this.closedReason = bareReason(reason);
+      floor = 5000;
+    } else if (code === CLOSE_LAGGING) {
+      this.attempt = 0; // we were too slow, not the server unwell: come back soon
+    }
+    const delay = backoffDelay(this.attempt, floor);
+    this.attempt += 1;
+    this.retryAt = Date.now() + delay;
+    this.retryTimer = setTimeout(() => this.connect(), delay);
+    this.emitState(this.closedReason === null ? 'waiting' : 'closed');
+  }
+
+  emitState(phase) {
+    this.listener.state({ phase, retryAt: this.retryAt, closedReason: this.closedReason });
+  }
+}
+
+/** "console closed: pty EOF" and "pty EOF" both say "pty EOF". */
+function bareReason(reason) {
+  return String(reason ?? '').replace(/^console closed:\s*/, '') || 'no reason given';
+}
