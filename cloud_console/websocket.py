@@ -284,6 +284,13 @@ class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         if attachment is not None:
             attachment.detach()
 
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        """Every close (ours, the peer's, a refused frame) detaches first: no output after it."""
+        self.detach()
+        WebSocketServerProtocol.sendCloseFrame(self, code, reasonUtf8, isReply)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.detach()
         self._gone = True
@@ -318,6 +325,9 @@ class ConsoleServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             # A half-open upgrade must not hold a slot forever.
             openHandshakeTimeout=10,
             closeHandshakeTimeout=2,
+            # A refused frame (too big, unmasked, bad UTF-8) gets a close frame with the
+            # reason rather than a silently dropped connection.
+            failByDrop=False,
             # No status page naming library versions on a plain GET /ws.
             webStatus=False,
             # Output is framed once and shared; per-client compression would undo that.

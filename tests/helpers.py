@@ -1,0 +1,196 @@
+"""
+Shared test helpers: WebSocket framing by hand, and a site on a StringTransport.
+
+Frames are built and parsed here, independently of Autobahn, so the tests check what goes
+over the wire rather than what the library under test believes it sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import txaio
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+
+
+@dataclass
+class Frame:
+    """One decoded WebSocket frame."""
+
+    fin: bool
+    opcode: int
+    payload: bytes
+
+    @property
+    def close_code(self) -> int | None:
+        if self.opcode != OP_CLOSE or len(self.payload) < 2:
+            return None
+        return int(struct.unpack("!H", self.payload[:2])[0])
+
+    @property
+    def close_reason(self) -> str:
+        return self.payload[2:].decode("utf-8")
+
+    def json(self) -> Any:
+        assert self.opcode == OP_TEXT, self
+        return json.loads(self.payload)
+
+
+def encode_frame(opcode: int, payload: bytes, mask: bool = True, fin: bool = True) -> bytes:
+    """A client frame (masked unless told otherwise)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    mask_bit = 0x80 if mask else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return head + key + masked
+
+
+def decode_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """Parse unmasked server frames; return them and any incomplete tail."""
+    frames = []
+    position = 0
+    while True:
+        if len(data) - position < 2:
+            break
+        b0, b1 = data[position], data[position + 1]
+        size = b1 & 0x7F
+        header = 2
+        if size == 126:
+            if len(data) - position < 4:
+                break
+            size = struct.unpack("!H", data[position + 2 : position + 4])[0]
+            header = 4
+        elif size == 127:
+            if len(data) - position < 10:
+                break
+            size = struct.unpack("!Q", data[position + 2 : position + 10])[0]
+            header = 10
+        assert not b1 & 0x80, "server frames must not be masked"
+        if len(data) - position < header + size:
+            break
+        start = position + header
+        frames.append(Frame(bool(b0 & 0x80), b0 & 0x0F, data[start : start + size]))
+        position = start + size
+    return frames, data[position:]
+
+
+def handshake(
+    path: str = "/ws",
+    protocols: list[str] | None = None,
+    origin: str | None = None,
+    host: str = "127.0.0.1:8080",
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    """The bytes of a client's upgrade request."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version: 13",
+    ]
+    if protocols:
+        lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    for name, value in (extra or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+class FakePty:
+    """Stands in for the pty device: records input and the registered producer."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.producer: Any = None
+        self.reading = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class WebClient:
+    """One connection to a site over a StringTransport, read as frames."""
+
+    def __init__(self, site: Any, peer_port: int) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", peer_port))
+        channel = site.buildProtocol(self.transport.getPeer())
+        # Real transports know their protocol; WebSocketResource swaps it on upgrade.
+        self.transport.protocol = channel  # type: ignore[attr-defined]
+        channel.makeConnection(self.transport)
+        self._buffer = b""
+        self.response = b""
+
+    @property
+    def protocol(self) -> Any:
+        return self.transport.protocol  # type: ignore[attr-defined]
+
+    def send_raw(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def upgrade(self, **kwargs: Any) -> bytes:
+        """Send the handshake; return the HTTP response head."""
+        self.send_raw(handshake(**kwargs))
+        data = self.transport.value()
+        self.transport.clear()
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        self.response = head + sep
+        self._buffer = rest
+        return self.response
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        self.send_raw(encode_frame(opcode, payload))
+
+    def frames(self) -> list[Frame]:
+        """Frames written since the last call."""
+        self._buffer += self.transport.value()
+        self.transport.clear()
+        frames, self._buffer = decode_frames(self._buffer)
+        return frames
+
+    def output(self) -> bytes:
+        """Binary payloads written since the last call, joined (original protocol)."""
+        return b"".join(f.payload for f in self.frames() if f.opcode == OP_BINARY)
+
+
+def use_memory_reactor(test: SynchronousTestCase) -> MemoryReactorClock:
+    """
+    Point txaio (which schedules Autobahn's timers) at a memory reactor for one test.
+    """
+    reactor = MemoryReactorClock()
+    previous = txaio.config.loop
+    txaio.config.loop = reactor
+    test.addCleanup(setattr, txaio.config, "loop", previous)
+    return reactor

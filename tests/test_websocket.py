@@ -1,0 +1,370 @@
+"""
+Tests for L{cloud_console.websocket} and L{cloud_console.web} over StringTransports: the
+original protocol, the v1 subprotocol, flow control and framing.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from cloud_console.multiplexer import Multiplexer
+from cloud_console.web import build_site
+from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
+
+from .helpers import OP_BINARY, OP_CLOSE, OP_TEXT, FakePty, Frame, WebClient, use_memory_reactor
+
+
+def v1_data(frames: list[Frame]) -> list[tuple[int, bytes]]:
+    """(offset, bytes) of each v1 output frame."""
+    return [
+        (struct.unpack("!Q", f.payload[:8])[0], f.payload[8:])
+        for f in frames
+        if f.opcode == OP_BINARY
+    ]
+
+
+def v1_events(frames: list[Frame]) -> list[dict[str, Any]]:
+    return [f.json() for f in frames if f.opcode == OP_TEXT]
+
+
+class SiteTestCase(SynchronousTestCase):
+    """A multiplexer with a fake pty, its site, and clients on StringTransports."""
+
+    history_size = 1000
+
+    def setUp(self) -> None:
+        self.reactor = use_memory_reactor(self)
+        self.multiplexer = Multiplexer(self.history_size)
+        self.pty = FakePty()
+        self.multiplexer.connect_pty(self.pty)
+        self.settings = ConsoleSettings(title="test console", client_buffer=4096, ack_window=2000)
+        self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
+        self._ports = iter(range(40000, 50000))
+
+    def client(self, **upgrade: Any) -> WebClient:
+        client = WebClient(self.site, next(self._ports))
+        response = client.upgrade(**upgrade)
+        self.assertIn(b"101 Switching Protocols", response)
+        return client
+
+
+class OriginalProtocolTests(SiteTestCase):
+    """A client that asks for no subprotocol gets the original protocol."""
+
+    def test_history_then_live(self) -> None:
+        """History first, exactly what was written (no NUL padding), then live output."""
+        self.multiplexer.output_received(b"boot log\r\n")
+        client = self.client()
+        self.assertNotIn(b"Sec-WebSocket-Protocol", client.response)
+        frames = client.frames()
+        self.assertEqual([f.opcode for f in frames], [OP_BINARY])
+        self.assertEqual(frames[0].payload, b"boot log\r\n")
+        self.multiplexer.output_received(b"login: ")
+        self.assertEqual(client.output(), b"login: ")
+
+    def test_empty_history_sends_nothing(self) -> None:
+        """With nothing written yet, a new client gets no message at all (no padding)."""
+        client = self.client()
+        self.assertEqual(client.frames(), [])
+
+    def test_input_text_and_binary(self) -> None:
+        """Binary input is written as is; text input as UTF-8."""
+        client = self.client()
+        client.send(OP_BINARY, b"\x03\x00\xff")
+        client.send(OP_TEXT, "é\r".encode("utf-8"))
+        self.assertEqual(bytes(self.pty.written), b"\x03\x00\xff" + "é\r".encode("utf-8"))
+
+    def test_shared_frame(self) -> None:
+        """
+        Each chunk is framed once and the same bytes go to every client: prepareMessage is
+        called once per chunk, however many clients.
+        """
+        clients = [self.client() for _ in range(5)]
+        calls = []
+        original = self.factory.prepareMessage
+
+        def counting(payload: bytes, isBinary: bool = False, doNotCompress: bool = False) -> Any:
+            calls.append(payload)
+            return original(payload, isBinary, doNotCompress)
+
+        self.factory.prepareMessage = counting  # type: ignore[method-assign]
+        self.multiplexer.output_received(b"fan out")
+        self.assertEqual(len(calls), 1)
+        outputs = {c.transport.value() for c in clients}
+        self.assertEqual(len(outputs), 1)
+        self.assertEqual(clients[0].output(), b"fan out")
+
+    def test_transport_producer_is_ours(self) -> None:
+        """
+        After the upgrade, twisted.web's channel no longer holds the transport's producer
+        slot: ours does, so the transport can pause the client.
+        """
+        client = self.client()
+        self.assertIsInstance(client.transport.producer, _TransportFlow)
+        self.assertTrue(client.transport.streaming)
+
+    def test_slow_client_paused_then_catches_up(self) -> None:
+        """
+        A paused client is written nothing more; the others carry on; on resume it gets
+        exactly what it missed, in order.
+        """
+        slow, fast = self.client(), self.client()
+        slow.transport.producer.pauseProducing()
+        self.multiplexer.output_received(b"a" * 300)
+        self.multiplexer.output_received(b"b" * 300)
+        self.assertEqual(slow.transport.value(), b"")
+        self.assertEqual(fast.output(), b"a" * 300 + b"b" * 300)
+        slow.transport.producer.resumeProducing()
+        self.assertEqual(slow.output(), b"a" * 300 + b"b" * 300)
+
+    def test_slow_client_memory_bounded(self) -> None:
+        """
+        However much is written while a client is paused, nothing is queued for it: the
+        only thing it holds is its cursor.
+        """
+        slow = self.client()
+        slow.transport.producer.pauseProducing()
+        for _ in range(1000):
+            self.multiplexer.output_received(b"x" * 1000)
+        self.assertEqual(len(slow.transport.value()), 0)
+        attachment = slow.protocol.attachment
+        self.assertEqual(attachment.cursor, 0)
+        self.assertTrue(attachment.paused)
+
+    def test_lagging_client_closed(self) -> None:
+        """
+        A client that fell further behind than the history holds is closed with code 4000
+        and a reason saying how much it lost, so it reconnects and repaints.
+        """
+        slow = self.client()
+        slow.transport.producer.pauseProducing()
+        self.multiplexer.output_received(b"x" * 1500)
+        slow.transport.producer.resumeProducing()
+        frames = slow.frames()
+        self.assertEqual(frames[-1].opcode, OP_CLOSE)
+        self.assertEqual(frames[-1].close_code, 4000)
+        self.assertIn("lagging", frames[-1].close_reason)
+        self.assertIn("500", frames[-1].close_reason)
+        self.assertEqual([f for f in frames if f.opcode == OP_BINARY], [])
+        self.assertIsNone(slow.protocol.attachment)
+
+    def test_console_closed(self) -> None:
+        """When the pty goes away every client gets close code 4001 with the reason."""
+        client = self.client()
+        self.multiplexer.console_lost("pty /dev/pts/9 hung up")
+        frames = client.frames()
+        self.assertEqual(frames[-1].close_code, 4001)
+        self.assertIn("hung up", frames[-1].close_reason)
+
+    def test_input_paused_when_pty_backlogged(self) -> None:
+        """The pty's input gate stops reading from every client, and resumes them."""
+        client = self.client()
+        self.pty.producer.pauseProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        late = self.client()
+        self.assertEqual(late.transport.producerState, "paused")
+        self.pty.producer.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(late.transport.producerState, "producing")
+
+    def test_oversize_message_refused(self) -> None:
+        """An input message over the limit closes the connection; nothing reaches the pty."""
+        self.settings.max_message_size = 1000
+        self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
+        client = self.client()
+        client.send(OP_BINARY, b"q" * 2000)
+        self.assertEqual(bytes(self.pty.written), b"")
+        frames = client.frames()
+        self.assertEqual(frames[-1].opcode, OP_CLOSE)
+        self.assertEqual(frames[-1].close_code, 1009)
+        self.assertIsNone(client.protocol.attachment)
+
+
+class V1ProtocolTests(SiteTestCase):
+    """The cloud-console.v1 subprotocol: offsets, acks, resume, status events."""
+
+    def test_hello_then_offsets(self) -> None:
+        """The hello comes first; each output message carries the offset of its first byte."""
+        self.multiplexer.output_received(b"0123456789")
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        self.assertIn(b"Sec-WebSocket-Protocol: cloud-console.v1", client.response)
+        frames = client.frames()
+        hello = frames[0].json()
+        self.assertEqual(hello["type"], "hello")
+        self.assertEqual(hello["title"], "test console")
+        self.assertEqual(hello["session"], self.multiplexer.session)
+        self.assertEqual(
+            (hello["offset"], hello["historyStart"], hello["historyEnd"]), (0, 0, 10)
+        )
+        self.assertEqual(v1_data(frames), [(0, b"0123456789")])
+        self.multiplexer.output_received(b"abc")
+        self.assertEqual(v1_data(client.frames()), [(10, b"abc")])
+
+    def test_original_and_v1_share_output(self) -> None:
+        """An original client and a v1 client each get the chunk in their own framing."""
+        plain = self.client()
+        v1 = self.client(protocols=[SUBPROTOCOL_V1])
+        v1.frames()
+        self.multiplexer.output_received(b"both")
+        self.assertEqual(plain.output(), b"both")
+        self.assertEqual(v1_data(v1.frames()), [(0, b"both")])
+
+    def test_resume_exactly_after_offset(self) -> None:
+        """A client resuming this session from offset N gets exactly the bytes from N on."""
+        self.multiplexer.output_received(b"0123456789")
+        session = self.multiplexer.session
+        client = self.client(protocols=[SUBPROTOCOL_V1], path=f"/ws?from=4&session={session}")
+        frames = client.frames()
+        self.assertEqual(frames[0].json()["offset"], 4)
+        self.assertEqual(v1_data(frames), [(4, b"456789")])
+        self.assertEqual([e["type"] for e in v1_events(frames)], ["hello", "clients"])
+
+    def test_resume_after_gap(self) -> None:
+        """Resuming from an offset that left the history: a gap notice, then the history."""
+        self.multiplexer.output_received(b"x" * 1500)
+        client = self.client(protocols=[SUBPROTOCOL_V1], path="/ws?from=100")
+        frames = client.frames()
+        gaps = [e for e in v1_events(frames) if e["type"] == "gap"]
+        self.assertEqual(gaps, [{"type": "gap", "reason": "resume", "lost": 400, "from": 100, "to": 500}])
+        self.assertEqual(v1_data(frames), [(500, b"x" * 1000)])
+
+    def test_resume_other_session_resets(self) -> None:
+        """Offsets from another run of the server (a restart) mean a reset and the history."""
+        self.multiplexer.output_received(b"fresh")
+        client = self.client(protocols=[SUBPROTOCOL_V1], path="/ws?from=3&session=0000")
+        frames = client.frames()
+        gap = [e for e in v1_events(frames) if e["type"] == "gap"][0]
+        self.assertEqual(gap["reason"], "restart")
+        self.assertEqual(v1_data(frames), [(0, b"fresh")])
+
+    def test_bad_resume_offset_refused(self) -> None:
+        """A 'from' that is not a non-negative integer is refused at the upgrade (400)."""
+        client = WebClient(self.site, 1)
+        response = client.upgrade(protocols=[SUBPROTOCOL_V1], path="/ws?from=-3")
+        self.assertIn(b"400", response.split(b"\r\n")[0])
+
+    def test_ack_window(self) -> None:
+        """
+        Past ack_window unacknowledged bytes the client is paused; an ack that brings it
+        under half the window resumes it and it catches up from the history.
+        """
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.frames()
+        for _ in range(3):
+            self.multiplexer.output_received(b"w" * 900)
+        self.multiplexer.output_received(b"W" * 500)
+        got = v1_data(client.frames())
+        sent = sum(len(data) for _, data in got)
+        self.assertEqual(sent, 2700)  # paused once more than 2000 were unacknowledged
+        self.assertEqual(client.protocol.attachment.pause_reasons, {"acks"})
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 1000}')
+        self.assertEqual(v1_data(client.frames()), [])  # 1700 unacked: still above half
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 2700}')
+        self.assertEqual(v1_data(client.frames()), [(2700, b"W" * 500)])
+
+    def test_ack_cannot_run_ahead(self) -> None:
+        """An ack past what was sent counts only what was sent."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        self.multiplexer.output_received(b"v" * 100)
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 99999}')
+        self.assertEqual(client.protocol._acked, 100)
+
+    def test_lagging_gap_not_close(self) -> None:
+        """A v1 client that fell out of the history gets a gap notice and carries on."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.frames()
+        client.transport.producer.pauseProducing()
+        self.multiplexer.output_received(b"y" * 1700)
+        client.transport.producer.resumeProducing()
+        frames = client.frames()
+        gap = [e for e in v1_events(frames) if e["type"] == "gap"]
+        self.assertEqual(gap, [{"type": "gap", "reason": "lagging", "lost": 700, "from": 0, "to": 700}])
+        self.assertEqual(v1_data(frames)[0][0], 700)
+        self.assertNotIn(OP_CLOSE, [f.opcode for f in frames])
+
+    def test_clients_count(self) -> None:
+        """Viewers hear how many are watching as others come and go."""
+        first = self.client(protocols=[SUBPROTOCOL_V1])
+        self.assertEqual(first.frames()[0].json()["clients"], 1)
+        second = self.client()
+        counts = [e["count"] for e in v1_events(first.frames()) if e["type"] == "clients"]
+        self.assertEqual(counts, [2])
+        second.protocol.transport.loseConnection()
+        second.protocol.connectionLost(Failure(ConnectionDone()))
+        counts = [e["count"] for e in v1_events(first.frames()) if e["type"] == "clients"]
+        self.assertEqual(counts, [1])
+
+    def test_binary_is_input_text_is_control(self) -> None:
+        """In v1, binary messages are input; text messages are JSON control, not input."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.send(OP_BINARY, b"typed")
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 0}')
+        self.assertEqual(bytes(self.pty.written), b"typed")
+
+    def test_malformed_control_closes(self) -> None:
+        """A text message that is not a JSON control message closes with 4002."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.send(OP_TEXT, b"not json")
+        frames = client.frames()
+        self.assertEqual(frames[-1].close_code, 4002)
+        self.assertEqual(bytes(self.pty.written), b"")
+
+    def test_console_closed_event(self) -> None:
+        """v1 clients hear why the console closed before the 4001 close frame."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.frames()
+        self.multiplexer.console_lost("pty hung up")
+        frames = client.frames()
+        self.assertEqual(frames[0].json(), {"type": "closed", "reason": "console closed: pty hung up"})
+        self.assertEqual(frames[-1].close_code, 4001)
+
+    def test_read_only_input_discarded(self) -> None:
+        """A read-only session discards input and tells the v1 client how much."""
+        self.multiplexer.read_only = True
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        self.assertTrue(client.frames()[0].json()["readOnly"])
+        client.send(OP_BINARY, b"rm -rf /")
+        self.assertEqual(bytes(self.pty.written), b"")
+        events = v1_events(client.frames())
+        self.assertEqual(events, [{"type": "input-discarded", "bytes": 8}])
+
+
+class SiteTests(SiteTestCase):
+    """The HTTP side of the port."""
+
+    def get(self, path: bytes) -> bytes:
+        client = WebClient(self.site, 2)
+        client.send_raw(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return client.transport.value()
+
+    def test_no_autobahn_status_page(self) -> None:
+        """A plain GET on /ws is refused without a page naming library versions."""
+        response = self.get(b"/ws")
+        self.assertNotIn(b"Autobahn", response)
+        self.assertNotIn(b"200 OK", response.split(b"\r\n")[0])
+
+    def test_history_download(self) -> None:
+        """GET /history returns exactly the history as a file."""
+        self.multiplexer.output_received(b"saved \x00 bytes")
+        response = self.get(b"/history")
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b"200", head.split(b"\r\n")[0])
+        self.assertIn(b"attachment", head.lower())
+        self.assertTrue(body.endswith(b"saved \x00 bytes"))
+
+    def test_security_headers(self) -> None:
+        """Every response carries the CSP and nosniff headers."""
+        response = self.get(b"/history").lower()
+        self.assertIn(b"content-security-policy: default-src 'self'", response)
+        self.assertIn(b"x-content-type-options: nosniff", response)
+
+    def test_missing_frontend_notice(self) -> None:
+        """Without a built frontend, / says how to build it (503), and /ws still works."""
+        response = self.get(b"/")
+        self.assertIn(b"503", response.split(b"\r\n")[0])
+        self.assertIn(b"npm", response)
