@@ -1,0 +1,171 @@
+"""
+Tests for the twistd plugin's options, the shared service builder and the positional
+command line's rewriting.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from cloud_console.cli import CommandLineError, positional_to_options
+from cloud_console.service import ConsoleService, StartupError, build_service
+from cloud_console.tap import DEFAULT_PORT, Options
+from cloud_console.websocket import ConsoleServerFactory
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """Every option parses, and every mistake is a UsageError an operator can act on."""
+
+    def test_defaults(self) -> None:
+        """Only --pty is required; the defaults match the documented ones."""
+        options = parse("--pty", "/dev/pts/7")
+        self.assertEqual(options["port"], [DEFAULT_PORT])
+        self.assertEqual(options["history-size"], 80000)
+        self.assertEqual(options["client-buffer"], 256 * 1024)
+        self.assertEqual(options["ack-window"], 1024 * 1024)
+        self.assertEqual(options["title"], "/dev/pts/7")
+        self.assertFalse(options["no-raw"])
+        self.assertFalse(options["read-only"])
+        self.assertIsNone(options["log-file"])
+
+    def test_every_option(self) -> None:
+        """Each option lands where the builder reads it; --port repeats."""
+        static_dir = self.mktemp()
+        os.mkdir(static_dir)
+        options = parse(
+            "--pty", "/dev/pts/7", "--port", "tcp:8080", "--port", "unix:/tmp/cc.sock",
+            "--log-file", "/var/log/c.log", "--history-size", "1000", "--client-buffer", "4096",
+            "--ack-window", "9999", "--static-dir", static_dir, "--title", "vm1", "--no-raw",
+            "--read-only",
+        )
+        self.assertEqual(options["port"], ["tcp:8080", "unix:/tmp/cc.sock"])
+        self.assertEqual(
+            (options["history-size"], options["client-buffer"], options["ack-window"]),
+            (1000, 4096, 9999),
+        )
+        self.assertEqual((options["log-file"], options["title"]), ("/var/log/c.log", "vm1"))
+        self.assertTrue(options["no-raw"])
+        self.assertTrue(options["read-only"])
+
+    def test_pty_required(self) -> None:
+        """Without --pty: a usage error saying so."""
+        e = self.assertRaises(UsageError, parse, "--port", "tcp:8080")
+        self.assertIn("--pty", str(e))
+
+    def test_bad_numbers(self) -> None:
+        """Sizes must be positive whole numbers."""
+        for option in ("--history-size", "--client-buffer", "--ack-window"):
+            for value in ("0", "-5", "lots", "1.5"):
+                e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", option, value)
+                self.assertIn(option, str(e))
+
+    def test_bad_endpoint(self) -> None:
+        """A --port that is not an endpoint description is refused, naming it."""
+        for description in ("tcp:notaport", "carrierpigeon:7", "ssl:8443:privateKey=/nonexistent.pem"):
+            e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--port", description)
+            self.assertIn(description, str(e))
+
+    def test_static_dir_must_exist(self) -> None:
+        """--static-dir must be a directory."""
+        e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--static-dir", "/nonexistent")
+        self.assertIn("--static-dir", str(e))
+
+    def test_plugin_found(self) -> None:
+        """twistd finds the cloudconsole plugin, and it uses these options."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("cloudconsole", makers)
+        self.assertIsInstance(makers["cloudconsole"].options(), Options)
+
+
+class BuildServiceTests(SynchronousTestCase):
+    """build_service wires the console on any reactor."""
+
+    def setUp(self) -> None:
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        self.path = os.ttyname(slave)
+        self.reactor = MemoryReactorClock()
+
+    def test_listens_on_each_port(self) -> None:
+        """Started, the service listens on every --port, serving the console's site."""
+        options = parse("--pty", self.path, "--port", "tcp:8081:interface=127.0.0.1",
+                        "--port", "tcp:8082:interface=127.0.0.1")
+        console = build_service(options, self.reactor)
+        self.assertIsInstance(console, ConsoleService)
+        console.startService()
+        self.addCleanup(console.stopService)
+        ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
+        self.assertEqual(ports, [(8081, "127.0.0.1"), (8082, "127.0.0.1")])
+        site = self.reactor.tcpServers[0][1]
+        self.assertIs(site, console.site)
+        self.assertIsInstance(console.websocket_factory, ConsoleServerFactory)
+
+    def test_multiplexer_first(self) -> None:
+        """The multiplexer is the first child, so it stops last (after the ports)."""
+        console = build_service(parse("--pty", self.path, "--log-file", self.mktemp()), self.reactor)
+        children = list(console)
+        self.assertIs(children[0], console.multiplexer)
+        self.assertIs(children[1], console.log_sink)
+
+    def test_bad_pty(self) -> None:
+        """A pty that cannot be opened is a StartupError naming it."""
+        e = self.assertRaises(StartupError, build_service, parse("--pty", "/dev/null"), self.reactor)
+        self.assertIn("/dev/null", str(e))
+
+    def test_console_lost_sets_status_and_stops(self) -> None:
+        """When the console goes away the status becomes 2 and the reactor is stopped."""
+        console = build_service(parse("--pty", self.path), self.reactor)
+        console.startService()
+        self.reactor.running = True
+        console.multiplexer.console_lost("pty hung up")
+        self.assertEqual(console.exit_status, 2)
+        self.reactor.advance(0)
+        self.assertFalse(self.reactor.running)
+
+
+class PositionalTests(SynchronousTestCase):
+    """The original's positional command line, rewritten as options."""
+
+    def test_rewrite(self) -> None:
+        """PTY IP PORT LOG becomes --pty/--port/--log-file."""
+        self.assertEqual(
+            positional_to_options(["/dev/pts/7", "10.0.0.1", "8080", "/tmp/c.log"]),
+            ["--pty", "/dev/pts/7", "--port", "tcp:port=8080:interface=10.0.0.1",
+             "--log-file", "/tmp/c.log"],
+        )
+
+    def test_ipv6_escaped(self) -> None:
+        """An IPv6 address has its colons escaped for the endpoint description."""
+        rewritten = positional_to_options(["/dev/pts/7", "::1", "8080"])
+        self.assertEqual(rewritten[3], "tcp:port=8080:interface=\\:\\:1")
+        options = parse(*rewritten)
+        self.assertEqual(options["port"], ["tcp:port=8080:interface=\\:\\:1"])
+
+    def test_options_mixed_in(self) -> None:
+        """Options may come before, between or after the positional arguments."""
+        rewritten = positional_to_options(["--history-size", "10", "/dev/pts/7", "--no-raw", "127.0.0.1", "80"])
+        self.assertEqual(rewritten[:4], ["--pty", "/dev/pts/7", "--port", "tcp:port=80:interface=127.0.0.1"])
+        self.assertEqual(rewritten[4:], ["--history-size", "10", "--no-raw"])
+
+    def test_errors(self) -> None:
+        """Missing, extra or invalid arguments are CommandLineErrors."""
+        for argv in (
+            [], ["/dev/pts/1"], ["/dev/pts/1", "127.0.0.1"],
+            ["/dev/pts/1", "127.0.0.1", "80", "log", "extra"],
+            ["/dev/pts/1", "localhost", "80"], ["/dev/pts/1", "127.0.0.1", "65536"],
+            ["/dev/pts/1", "127.0.0.1", "-1"], ["/dev/pts/1", "127.0.0.1", "80", "--title"],
+        ):
+            self.assertRaises(CommandLineError, positional_to_options, argv)
