@@ -48,6 +48,7 @@ class LogFileSink(Service):
         self._fd = _open_for_append(path)
         self._attachment: Attachment | None = None
         self._failing = False
+        self._lost_while_failing = 0
         self.bytes_written = 0
         self.bytes_lost = 0
 
@@ -77,7 +78,6 @@ class LogFileSink(Service):
         old_fd, self._fd = self._fd, new_fd
         if old_fd >= 0:
             os.close(old_fd)
-        self._failing = False
         self._log.info("log file {path} reopened", path=self.path)
 
     # IConsoleClient
@@ -93,6 +93,7 @@ class LogFileSink(Service):
                 continue
             except OSError as e:
                 self.bytes_lost += len(view)
+                self._lost_while_failing += len(view)
                 if not self._failing:
                     self._failing = True
                     self._log.error(
@@ -109,8 +110,9 @@ class LogFileSink(Service):
             self._log.info(
                 "log file {path} writable again; {lost} bytes were not logged",
                 path=self.path,
-                lost=self.bytes_lost,
+                lost=self._lost_while_failing,
             )
+            self._lost_while_failing = 0
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
         # Never paused, so never behind; if it ever were, carry on with what is left.
