@@ -119,11 +119,11 @@ def run(options: usage.Options) -> int:
         except Exception as e:  # a port that cannot be bound, for one
             failed.append(e)
             sys.stderr.write(f"cloud-console: cannot start: {e}\n")
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", console.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", console.stopService)
+    reactor.run()
     if failed:
         return EXIT_CONSOLE_FAILED
     return console.exit_status

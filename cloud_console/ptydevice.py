@@ -89,7 +89,7 @@ class PtyDevice(FileDescriptor):
         saved_attributes: list[Any] | None = None,
         reactor: IReactorFDSet | None = None,
     ) -> None:
-        FileDescriptor.__init__(self, reactor)  # type: ignore[arg-type]
+        FileDescriptor.__init__(self, reactor)
         self.fd = fd
         self.path = path
         self._on_output = on_output
@@ -134,7 +134,7 @@ class PtyDevice(FileDescriptor):
         Read until the pty has nothing more (or L{READ_PER_TURN}), then hand the whole
         burst on at once: one wake-up, one chunk, one frame per client.
         """
-        pieces = []
+        pieces: list[bytes] = []
         total = 0
         fd = self.fd
         while total < READ_PER_TURN:

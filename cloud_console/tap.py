@@ -87,7 +87,7 @@ class Options(usage.Options):
         default tcp:port=8080:interface=127.0.0.1.
         """
         try:
-            serverFromString(None, description)  # type: ignore[arg-type]
+            serverFromString(None, description)
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise usage.UsageError(f"--port {description!r} is not a valid endpoint: {e}")
         self["port"].append(description)

@@ -14,7 +14,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
-from twisted.web import pages, resource, static
+from twisted.web import http, pages, resource, static
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
 from .multiplexer import Multiplexer
@@ -70,13 +70,19 @@ class StaticFiles(static.File):
     indexNames = ["index.html"]
 
     def directoryListing(self) -> resource.IResource:
-        return pages.notFound("No Such Resource", "Directory listings are disabled.")
+        listing: resource.IResource = pages.notFound(
+            "No Such Resource", "Directory listings are disabled."
+        )
+        return listing
 
     def getChild(self, path: bytes, request: Request) -> resource.IResource:
-        child = static.File.getChild(self, path, request)
+        child: resource.IResource = static.File.getChild(self, path, request)
         if isinstance(child, static.File) and child.isfile():
             if child.splitext()[1].lower() in COMPRESSIBLE:
-                return resource.EncodingResourceWrapper(child, [GzipEncoderFactory()])
+                compressed: resource.IResource = resource.EncodingResourceWrapper(
+                    child, [GzipEncoderFactory()]
+                )
+                return compressed
         return child
 
 
@@ -129,7 +135,7 @@ class ConsoleSite(Site):
             request.setHeader(name, value)
         return Site.getResourceFor(self, request)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

@@ -83,7 +83,7 @@ class _TransportFlow:
 
 
 @implementer(IConsoleClient)
-class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+class ConsoleServerProtocol(WebSocketServerProtocol):
     """One browser (or any WebSocket client) attached to the console."""
 
     _log = Logger()
@@ -127,7 +127,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         upgrade, so it is unregistered before ours goes in.
         """
         settings = self.factory.settings
-        transport = self.transport
+        transport: Any = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         if getattr(transport, "producer", None) is not None:
@@ -255,12 +255,14 @@ class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             self._send_event("clients", count=count)
 
     def pause_input(self) -> None:
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.pauseProducing()
 
     def resume_input(self) -> None:
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.resumeProducing()
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         """Send a close frame with C{code} and C{reason}; fires once the peer is gone."""
@@ -305,10 +307,10 @@ class ConsoleServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         self.sendMessage(json.dumps(fields).encode("utf-8"), isBinary=False)
 
 
-class ConsoleServerFactory(WebSocketServerFactory):  # type: ignore[misc]
+class ConsoleServerFactory(WebSocketServerFactory):
     """Builds L{ConsoleServerProtocol}s for one multiplexer, with one set of options."""
 
-    protocol = ConsoleServerProtocol
+    protocol = ConsoleServerProtocol  # type: ignore[assignment]
 
     def __init__(self, multiplexer: Multiplexer, settings: ConsoleSettings) -> None:
         WebSocketServerFactory.__init__(self, server="cloud-console")
