@@ -1,0 +1,956 @@
+"""
+Tests for L{cloud_console.multiplexer}: history plus live output fanned out to clients,
+cursor-based flow control, the input path and its gate, and shutdown.
+
+Everything here is synchronous: the multiplexer never schedules, so a fake client and a
+fake pty are all it takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import LogEvent, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from cloud_console.multiplexer import (
+    CATCH_UP_STEP,
+    CLOSE_CONSOLE_CLOSED,
+    CLOSE_GOING_AWAY,
+    Attachment,
+    Chunk,
+    IConsoleClient,
+    Multiplexer,
+)
+
+
+@implementer(IConsoleClient)
+class FakeClient:
+    """
+    Records everything the multiplexer tells it.
+
+    Like a real transport it can pause itself from inside L{output}: with C{limit} set,
+    once more than C{limit} bytes are "buffered" it pauses its attachment for reason
+    "transport"; L{drain} empties the buffer and resumes it.
+    """
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        gap_result: bool = True,
+        frame: tuple[str, Callable[[Chunk], Any]] | None = None,
+        detach_on_close: bool = False,
+    ) -> None:
+        self.limit = limit
+        self.detach_on_close = detach_on_close
+        self.gap_result = gap_result
+        self.frame = frame
+        self.attachment: Attachment | None = None
+        self.chunks: list[Chunk] = []
+        self.framed: list[Any] = []
+        self.received = bytearray()
+        self.buffered = 0
+        self.gaps: list[tuple[int, int, str]] = []
+        self.counts: list[int] = []
+        self.closes: list[tuple[int, str]] = []
+        self.close_results: list[Deferred[None]] = []
+        self.input_events: list[str] = []
+        self.events: list[tuple[str, Any]] = []
+        self.on_output: Callable[[Chunk], None] | None = None
+
+    def output(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.events.append(("output", chunk))
+        self.received += chunk.data
+        if self.frame is not None:
+            key, build = self.frame
+            self.framed.append(chunk.framed(key, build))
+        self.buffered += len(chunk.data)
+        if self.limit is not None and self.buffered > self.limit and self.attachment:
+            self.attachment.pause("transport")
+        if self.on_output is not None:
+            self.on_output(chunk)
+
+    def drain(self) -> None:
+        """The transport's buffer emptied: resume, as its producer would be."""
+        self.buffered = 0
+        assert self.attachment is not None
+        self.attachment.resume("transport")
+
+    def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
+        self.gaps.append((lost_from, lost_to, reason))
+        self.events.append(("gap", (lost_from, lost_to, reason)))
+        return self.gap_result
+
+    def clients_changed(self, count: int) -> None:
+        self.counts.append(count)
+
+    def pause_input(self) -> None:
+        self.input_events.append("pause")
+
+    def resume_input(self) -> None:
+        self.input_events.append("resume")
+
+    def close(self, code: int, reason: str) -> Deferred[None]:
+        self.closes.append((code, reason))
+        if self.detach_on_close and self.attachment is not None:
+            self.attachment.detach()
+        d: Deferred[None] = Deferred()
+        self.close_results.append(d)
+        return d
+
+
+class FakePty:
+    """The pty as the multiplexer sees it: a write, a producer slot, start and close."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer: Any = None
+        self.streaming: bool | None = None
+        self.reading = 0
+        self.closed = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert self.producer is None, "producer registered twice"
+        self.producer = producer
+        self.streaming = streaming
+
+    def startReading(self) -> None:
+        self.reading += 1
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def attach(
+    multiplexer: Multiplexer,
+    client: FakeClient,
+    from_offset: int | None = None,
+    viewer: bool = True,
+) -> Attachment:
+    """Attach C{client} and let it know its attachment, as the WebSocket protocol does."""
+    attachment = multiplexer.attach(client, from_offset, viewer=viewer)
+    client.attachment = attachment
+    return attachment
+
+
+def events_with(events: Sequence[LogEvent], fragment: str) -> list[LogEvent]:
+    """The captured events whose format string contains C{fragment}."""
+    return [e for e in events if fragment in (e.get("log_format") or "")]
+
+
+def assert_contiguous(test: SynchronousTestCase, client: FakeClient, start: int) -> None:
+    """Every chunk C{client} got starts where the previous one ended, from C{start}."""
+    expected = start
+    for chunk in client.chunks:
+        test.assertEqual(chunk.offset, expected)
+        test.assertEqual(chunk.end, chunk.offset + len(chunk.data))
+        expected = chunk.end
+
+
+class FakeTests(SynchronousTestCase):
+    """The doubles are faithful to the interfaces they stand in for."""
+
+    def test_fake_client_provides_interface(self) -> None:
+        """The fake client implements every method of L{IConsoleClient}."""
+        self.assertTrue(verifyObject(IConsoleClient, FakeClient()))
+
+    def test_input_gate_is_push_producer(self) -> None:
+        """L{Multiplexer.connect_pty} registers a streaming L{IPushProducer} on the pty."""
+        multiplexer = Multiplexer(100)
+        pty = FakePty()
+        multiplexer.connect_pty(pty)
+        self.assertIs(pty.streaming, True)
+        self.assertTrue(verifyObject(IPushProducer, pty.producer))
+
+
+class ChunkTests(SynchronousTestCase):
+    """L{Chunk}: output at an offset, framed once per framing."""
+
+    def test_end(self) -> None:
+        """A chunk ends at its offset plus its length."""
+        self.assertEqual(Chunk(10, b"abcd").end, 14)
+
+    def test_framed_once_per_key(self) -> None:
+        """
+        C{framed} calls the builder once per key, returns the same object on every later
+        call, and builds separately for another key.
+        """
+        calls: list[tuple[str, Chunk]] = []
+
+        def builder(name: str) -> Callable[[Chunk], Any]:
+            def build(chunk: Chunk) -> Any:
+                calls.append((name, chunk))
+                return object()
+
+            return build
+
+        chunk = Chunk(0, b"x")
+        first = chunk.framed("raw", builder("raw"))
+        again = chunk.framed("raw", builder("raw-again"))
+        other = chunk.framed("v1", builder("v1"))
+        self.assertIs(first, again)
+        self.assertIsNot(first, other)
+        self.assertEqual(calls, [("raw", chunk), ("v1", chunk)])
+
+
+class AttachTests(SynchronousTestCase):
+    """L{Multiplexer.attach}: the history, then live output, with nothing lost or doubled."""
+
+    def test_history_then_live(self) -> None:
+        """A new client gets the whole history, then each live chunk, in order."""
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abc")
+        multiplexer.output_received(b"def")
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(bytes(client.received), b"abcdef")
+        multiplexer.output_received(b"ghi")
+        self.assertEqual(bytes(client.received), b"abcdefghi")
+        assert_contiguous(self, client, 0)
+        self.assertEqual(client.chunks[-1].data, b"ghi")
+
+    def test_empty_history(self) -> None:
+        """A client attached before any output gets nothing until output arrives."""
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        self.assertEqual(client.chunks, [])
+        self.assertEqual(attachment.cursor, 0)
+        multiplexer.output_received(b"hello")
+        self.assertEqual([c.data for c in client.chunks], [b"hello"])
+
+    def test_wrapped_history(self) -> None:
+        """Once the history has wrapped, a new client starts at the oldest byte held."""
+        multiplexer = Multiplexer(8)
+        multiplexer.output_received(b"0123456789")
+        multiplexer.output_received(b"ab")
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        self.assertEqual(bytes(client.received), b"456789ab")
+        self.assertEqual(client.chunks[0].offset, 4)
+        self.assertEqual(attachment.cursor, 12)
+        self.assertEqual(client.gaps, [])
+
+    def test_empty_output_ignored(self) -> None:
+        """Empty output sends nothing and takes no offset."""
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attach(multiplexer, client)
+        multiplexer.output_received(b"")
+        self.assertEqual(client.chunks, [])
+        self.assertEqual(multiplexer.history.end, 0)
+
+    def test_attach_between_many_small_chunks(self) -> None:
+        """
+        Clients attached at every point of a stream of one-byte and few-byte chunks
+        each get exactly the stream from the oldest byte held at attach time: nothing
+        lost or doubled at the seam between history and live output.
+        """
+        multiplexer = Multiplexer(50)
+        model = b""
+        clients: list[tuple[int, FakeClient]] = []
+        for i in range(200):
+            data = bytes([i % 251]) * (i % 3 + 1)
+            multiplexer.output_received(data)
+            model += data
+            client = FakeClient()
+            clients.append((multiplexer.history.start, client))
+            attach(multiplexer, client)
+        for start, client in clients:
+            self.assertEqual(bytes(client.received), model[start:])
+            assert_contiguous(self, client, start)
+
+    def test_attach_from_inside_output(self) -> None:
+        """
+        A client attached while a chunk is being fanned out (from inside another
+        client's C{output}) gets that chunk exactly once, then everything after it.
+        """
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"before|")
+        late = FakeClient()
+        trigger = FakeClient()
+
+        def attach_late(chunk: Chunk) -> None:
+            if chunk.data == b"seam|" and late.attachment is None:
+                attach(multiplexer, late)
+
+        trigger.on_output = attach_late
+        attach(multiplexer, trigger)
+        for data in [b"a", b"b", b"seam|", b"c", b"d"]:
+            multiplexer.output_received(data)
+        self.assertEqual(bytes(late.received), b"before|abseam|cd")
+        assert_contiguous(self, late, 0)
+        self.assertEqual(bytes(trigger.received), b"before|abseam|cd")
+
+    def test_resume_from_offset(self) -> None:
+        """C{attach(client, from_offset)} sends exactly the bytes after that offset."""
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abcdef")
+        client = FakeClient()
+        attachment = attach(multiplexer, client, from_offset=3)
+        self.assertEqual(bytes(client.received), b"def")
+        self.assertEqual(client.chunks[0].offset, 3)
+        self.assertEqual(attachment.cursor, 6)
+        self.assertEqual(client.gaps, [])
+
+    def test_resume_from_end(self) -> None:
+        """Resuming from the end sends nothing until new output, then only that."""
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abcdef")
+        client = FakeClient()
+        attach(multiplexer, client, from_offset=6)
+        self.assertEqual(client.chunks, [])
+        multiplexer.output_received(b"g")
+        self.assertEqual([(c.offset, c.data) for c in client.chunks], [(6, b"g")])
+
+    def test_resume_from_too_old(self) -> None:
+        """
+        Resuming from an offset the history no longer holds first reports
+        C{gap(from_offset, start, "resume")}, then sends the history from its start.
+        """
+        multiplexer = Multiplexer(4)
+        multiplexer.output_received(b"0123456789")
+        client = FakeClient()
+        attachment = attach(multiplexer, client, from_offset=2)
+        self.assertEqual(client.gaps, [(2, 6, "resume")])
+        self.assertEqual(client.events[0], ("gap", (2, 6, "resume")))
+        self.assertEqual(bytes(client.received), b"6789")
+        assert_contiguous(self, client, 6)
+        self.assertTrue(attachment.attached)
+
+    def test_resume_from_too_old_refused(self) -> None:
+        """A client whose C{gap} returns False on resume is detached and sent nothing."""
+        multiplexer = Multiplexer(4)
+        multiplexer.output_received(b"0123456789")
+        client = FakeClient(gap_result=False)
+        attachment = attach(multiplexer, client, from_offset=0)
+        self.assertEqual(client.gaps, [(0, 6, "resume")])
+        self.assertFalse(attachment.attached)
+        self.assertEqual(multiplexer.viewer_count, 0)
+        multiplexer.output_received(b"more")
+        self.assertEqual(client.chunks, [])
+
+    def test_resume_from_future(self) -> None:
+        """
+        An offset past the end raises ValueError and attaches nothing: no viewer is
+        counted and nobody is told the count changed.
+        """
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abc")
+        watcher = FakeClient()
+        attach(multiplexer, watcher)
+        client = FakeClient()
+        self.assertRaises(ValueError, multiplexer.attach, client, 4)
+        self.assertEqual(multiplexer.viewer_count, 1)
+        self.assertEqual(watcher.counts, [1])
+        multiplexer.output_received(b"d")
+        self.assertEqual(client.chunks, [])
+
+    def test_attach_logged(self) -> None:
+        """Attaching logs the offset, how many are attached and how much history there is."""
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abcdef")
+        attach(multiplexer, FakeClient())
+        with capturedLogs() as events:
+            attach(multiplexer, FakeClient(), from_offset=2)
+        [event] = events_with(events, "attached at")
+        self.assertEqual(
+            (event["offset"], event["clients"], event["history_bytes"]), (2, 2, 6)
+        )
+
+
+class FanOutTests(SynchronousTestCase):
+    """One chunk, shared by every client that is keeping up."""
+
+    def test_same_chunk_object(self) -> None:
+        """Every live client is handed the very same L{Chunk} for a piece of output."""
+        multiplexer = Multiplexer(100)
+        clients = [FakeClient() for _ in range(5)]
+        for client in clients:
+            attach(multiplexer, client)
+        multiplexer.output_received(b"shared")
+        [chunk] = clients[0].chunks
+        for client in clients:
+            self.assertEqual(len(client.chunks), 1)
+            self.assertIs(client.chunks[0], chunk)
+        self.assertEqual((chunk.offset, chunk.data), (0, b"shared"))
+
+    def test_framed_once(self) -> None:
+        """
+        Clients that frame each chunk build the frame once per framing, however many
+        clients share it, and all get the same framed object.
+        """
+        built: list[tuple[str, int]] = []
+
+        def builder(key: str) -> Callable[[Chunk], Any]:
+            def build(chunk: Chunk) -> Any:
+                built.append((key, chunk.offset))
+                return (key, bytes(chunk.data))
+
+            return build
+
+        multiplexer = Multiplexer(100)
+        raw = [FakeClient(frame=("raw", builder("raw"))) for _ in range(4)]
+        v1 = [FakeClient(frame=("v1", builder("v1"))) for _ in range(3)]
+        for client in raw + v1:
+            attach(multiplexer, client)
+        multiplexer.output_received(b"one")
+        multiplexer.output_received(b"two")
+        self.assertEqual(built, [("raw", 0), ("v1", 0), ("raw", 3), ("v1", 3)])
+        for group in (raw, v1):
+            for client in group:
+                self.assertEqual(len(client.framed), 2)
+                self.assertIs(client.framed[0], group[0].framed[0])
+                self.assertIs(client.framed[1], group[0].framed[1])
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Paused clients keep a cursor, and catch up from the history when resumed."""
+
+    def test_paused_gets_nothing_then_catches_up(self) -> None:
+        """
+        A paused client is sent nothing; resumed, it is sent exactly what it missed,
+        from its cursor, in one chunk.
+        """
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"old")
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        self.assertTrue(attachment.paused)
+        multiplexer.output_received(b"abc")
+        multiplexer.output_received(b"def")
+        self.assertEqual(bytes(client.received), b"old")
+        self.assertEqual(attachment.cursor, 3)
+        attachment.resume("transport")
+        self.assertFalse(attachment.paused)
+        self.assertEqual([(c.offset, c.data) for c in client.chunks[1:]], [(3, b"abcdef")])
+        self.assertEqual(attachment.cursor, 9)
+        multiplexer.output_received(b"g")
+        self.assertEqual(bytes(client.received), b"oldabcdefg")
+        assert_contiguous(self, client, 0)
+
+    def test_pause_from_inside_output(self) -> None:
+        """
+        A client that pauses itself inside C{output} (as a transport past its buffer
+        limit does) gets no more until it drains, then exactly the rest.
+        """
+        multiplexer = Multiplexer(100)
+        client = FakeClient(limit=5)
+        attachment = attach(multiplexer, client)
+        multiplexer.output_received(b"abc")
+        multiplexer.output_received(b"def")
+        self.assertTrue(attachment.paused)
+        multiplexer.output_received(b"ghi")
+        multiplexer.output_received(b"jk")
+        self.assertEqual(bytes(client.received), b"abcdef")
+        client.drain()
+        self.assertEqual(bytes(client.received), b"abcdefghijk")
+        assert_contiguous(self, client, 0)
+
+    def test_catch_up_stops_when_paused(self) -> None:
+        """
+        Catching up a long way goes in steps of L{CATCH_UP_STEP}, and a client that
+        pauses after one step is sent no more until it drains again.
+        """
+        size = 3 * CATCH_UP_STEP
+        multiplexer = Multiplexer(size)
+        client = FakeClient(limit=CATCH_UP_STEP - 1)
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        model = bytes(range(256)) * (size // 256)
+        multiplexer.output_received(model)
+        client.drain()
+        self.assertEqual([len(c.data) for c in client.chunks], [CATCH_UP_STEP])
+        self.assertEqual(attachment.cursor, CATCH_UP_STEP)
+        client.drain()
+        client.drain()
+        self.assertEqual(bytes(client.received), model)
+        self.assertEqual(attachment.cursor, size)
+        assert_contiguous(self, client, 0)
+
+    def test_every_reason_must_be_lifted(self) -> None:
+        """A client paused for two reasons stays paused until both are lifted."""
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        attachment.pause("acks")
+        multiplexer.output_received(b"abc")
+        attachment.resume("transport")
+        self.assertEqual(client.chunks, [])
+        attachment.resume("acks")
+        self.assertEqual(bytes(client.received), b"abc")
+
+    def test_lagging_gap(self) -> None:
+        """
+        A paused client whose cursor fell out of the history is told, on resume,
+        C{gap(cursor, start, "lagging")}, then gets the history from its start.
+        """
+        multiplexer = Multiplexer(10)
+        multiplexer.output_received(b"012")
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        model = b"012"
+        for i in range(5):
+            data = bytes([97 + i]) * 5
+            multiplexer.output_received(data)
+            model += data
+        self.assertEqual(client.gaps, [])
+        attachment.resume("transport")
+        self.assertEqual(client.gaps, [(3, 18, "lagging")])
+        self.assertEqual(client.events[1], ("gap", (3, 18, "lagging")))
+        self.assertEqual(bytes(client.received), b"012" + model[18:])
+        self.assertEqual(client.chunks[-1].offset, 18)
+        self.assertEqual(attachment.cursor, 28)
+        self.assertTrue(attachment.attached)
+        multiplexer.output_received(b"z")
+        self.assertEqual(client.chunks[-1].data, b"z")
+
+    def test_lagging_gap_logged(self) -> None:
+        """Falling out of the history logs a warning with the bytes lost and offsets."""
+        multiplexer = Multiplexer(10)
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        multiplexer.output_received(b"x" * 25)
+        with capturedLogs() as events:
+            attachment.resume("transport")
+        [event] = events_with(events, "behind the history")
+        self.assertEqual((event["lost"], event["offset"], event["start"]), (15, 0, 15))
+        self.assertEqual(event["log_level"].name, "warn")
+
+    def test_lagging_gap_refused(self) -> None:
+        """
+        A lagging client whose C{gap} returns False is detached: sent nothing more, not
+        counted, and the other viewers are told the new count.
+        """
+        multiplexer = Multiplexer(10)
+        other = FakeClient()
+        attach(multiplexer, other)
+        client = FakeClient(gap_result=False)
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        multiplexer.output_received(b"x" * 25)
+        attachment.resume("transport")
+        self.assertEqual(client.gaps, [(0, 15, "lagging")])
+        self.assertEqual(client.chunks, [])
+        self.assertFalse(attachment.attached)
+        self.assertEqual(multiplexer.viewer_count, 1)
+        self.assertEqual(other.counts, [1, 2, 1])
+        multiplexer.output_received(b"y")
+        self.assertEqual(client.chunks, [])
+
+    def test_lagging_gap_refused_after_self_detach(self) -> None:
+        """
+        A client that closes (and so detaches itself) inside C{gap} and returns False,
+        as the WebSocket protocol does, is detached once: no error, one announcement.
+        """
+        multiplexer = Multiplexer(10)
+        other = FakeClient()
+        attach(multiplexer, other)
+        client = FakeClient(gap_result=False, detach_on_close=True)
+        attachment = attach(multiplexer, client)
+
+        def gap(lost_from: int, lost_to: int, reason: str) -> bool:
+            client.gaps.append((lost_from, lost_to, reason))
+            client.close(4000, "lagging")
+            return False
+
+        client.gap = gap  # type: ignore[method-assign]
+        attachment.pause("transport")
+        multiplexer.output_received(b"x" * 25)
+        attachment.resume("transport")
+        self.assertEqual(client.gaps, [(0, 15, "lagging")])
+        self.assertFalse(attachment.attached)
+        self.assertEqual(other.counts, [1, 2, 1])
+        self.assertEqual(client.chunks, [])
+
+    def test_paused_client_does_not_hold_back_others(self) -> None:
+        """
+        While one client is paused (and falls far out of the history), every other
+        client gets every chunk as it arrives, and the paused client is not called at
+        all: no output and no gap until it resumes.
+        """
+        multiplexer = Multiplexer(64)
+        slow = FakeClient()
+        slow_attachment = attach(multiplexer, slow)
+        slow_attachment.pause("transport")
+        fast = [FakeClient() for _ in range(3)]
+        for client in fast:
+            attach(multiplexer, client)
+        sent = []
+        for i in range(1000):
+            data = b"%d," % i
+            multiplexer.output_received(data)
+            sent.append(data)
+            for client in fast:
+                self.assertEqual(client.chunks[-1].data, data)
+        for client in fast:
+            self.assertEqual([c.data for c in client.chunks], sent)
+        self.assertEqual(slow.events, [])
+        self.assertEqual(slow_attachment.cursor, 0)
+
+    def test_resume_after_detach(self) -> None:
+        """Resuming a detached client sends it nothing."""
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        attachment.pause("transport")
+        multiplexer.output_received(b"abc")
+        attachment.detach()
+        attachment.resume("transport")
+        self.assertEqual(client.chunks, [])
+
+
+class DetachAndCountTests(SynchronousTestCase):
+    """Detaching, and telling viewers how many there are."""
+
+    def test_detach_stops_output(self) -> None:
+        """A detached client is sent no more output."""
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attachment = attach(multiplexer, client)
+        multiplexer.output_received(b"a")
+        multiplexer.detach(attachment)
+        multiplexer.output_received(b"b")
+        self.assertEqual(bytes(client.received), b"a")
+        self.assertFalse(attachment.attached)
+
+    def test_detach_idempotent(self) -> None:
+        """
+        Detaching twice (directly or via the attachment) is harmless: the count drops
+        once, other viewers are told once, and one detach is logged.
+        """
+        multiplexer = Multiplexer(100)
+        other = FakeClient()
+        attach(multiplexer, other)
+        attachment = attach(multiplexer, FakeClient())
+        with capturedLogs() as events:
+            multiplexer.detach(attachment)
+            multiplexer.detach(attachment)
+            attachment.detach()
+        self.assertEqual(multiplexer.viewer_count, 1)
+        self.assertEqual(other.counts, [1, 2, 1])
+        [event] = events_with(events, "detached")
+        self.assertEqual(event["clients"], 1)
+
+    def test_clients_changed(self) -> None:
+        """
+        Each attach and detach of a viewer tells every viewer still attached the new
+        viewer count.
+        """
+        multiplexer = Multiplexer(100)
+        a, b, c = FakeClient(), FakeClient(), FakeClient()
+        attach_a = attach(multiplexer, a)
+        attach(multiplexer, b)
+        attach(multiplexer, c)
+        attach_a.detach()
+        self.assertEqual(a.counts, [1, 2, 3])
+        self.assertEqual(b.counts, [2, 3, 2])
+        self.assertEqual(c.counts, [3, 2])
+        self.assertEqual(multiplexer.viewer_count, 2)
+
+    def test_non_viewers_not_counted_or_told(self) -> None:
+        """
+        An attachment with C{viewer=False} (the log file) is not counted, its attach
+        and detach announce nothing, and it is never told the count.
+        """
+        multiplexer = Multiplexer(100)
+        viewer = FakeClient()
+        attach(multiplexer, viewer)
+        sink = FakeClient()
+        sink_attachment = attach(multiplexer, sink, viewer=False)
+        self.assertEqual(multiplexer.viewer_count, 1)
+        attach(multiplexer, FakeClient())
+        sink_attachment.detach()
+        self.assertEqual(viewer.counts, [1, 2])
+        self.assertEqual(sink.counts, [])
+
+    def test_non_viewer_gets_output(self) -> None:
+        """A non-viewer attachment still gets history and live output."""
+        multiplexer = Multiplexer(100)
+        multiplexer.output_received(b"abc")
+        sink = FakeClient()
+        attach(multiplexer, sink, from_offset=multiplexer.history.end, viewer=False)
+        multiplexer.output_received(b"def")
+        self.assertEqual(bytes(sink.received), b"def")
+
+
+class InputTests(SynchronousTestCase):
+    """What clients type goes to the pty, unless it may not."""
+
+    def setUp(self) -> None:
+        self.pty = FakePty()
+
+    def make(self, read_only: bool = False) -> Multiplexer:
+        multiplexer = Multiplexer(100, read_only=read_only)
+        multiplexer.connect_pty(self.pty)
+        return multiplexer
+
+    def test_input_to_pty(self) -> None:
+        """Input from any client is written to the pty, in order, unchanged."""
+        multiplexer = self.make()
+        first = attach(multiplexer, FakeClient())
+        second = attach(multiplexer, FakeClient())
+        first.send_input(b"ls\r")
+        second.send_input(b"\x00\xff\x1b[A")
+        self.assertEqual(self.pty.written, [b"ls\r", b"\x00\xff\x1b[A"])
+        self.assertEqual((first.input_discarded, second.input_discarded), (0, 0))
+
+    def test_empty_input(self) -> None:
+        """Empty input writes nothing."""
+        multiplexer = self.make()
+        attach(multiplexer, FakeClient()).send_input(b"")
+        self.assertEqual(self.pty.written, [])
+
+    def test_read_only(self) -> None:
+        """
+        A read-only session writes nothing to the pty; it counts the bytes discarded per
+        client and logs the first discard only, with its reason.
+        """
+        multiplexer = self.make(read_only=True)
+        attachment = attach(multiplexer, FakeClient())
+        with capturedLogs() as events:
+            attachment.send_input(b"abc")
+            attachment.send_input(b"de")
+        self.assertEqual(self.pty.written, [])
+        self.assertEqual(attachment.input_discarded, 5)
+        [event] = events_with(events, "input discarded")
+        self.assertEqual((event["why"], event["count"]), ("read-only", 3))
+
+    def test_input_after_console_lost(self) -> None:
+        """Once the console is lost, input is discarded and counted, not written."""
+        multiplexer = self.make()
+        attachment = attach(multiplexer, FakeClient())
+        multiplexer.console_lost("EOF")
+        with capturedLogs() as events:
+            attachment.send_input(b"xyz")
+        self.assertEqual(self.pty.written, [])
+        self.assertEqual(attachment.input_discarded, 3)
+        [event] = events_with(events, "input discarded")
+        self.assertEqual(event["why"], "console closed")
+
+    def test_input_without_pty(self) -> None:
+        """Input before a pty is connected is discarded and counted."""
+        multiplexer = Multiplexer(100)
+        attachment = attach(multiplexer, FakeClient())
+        attachment.send_input(b"xy")
+        self.assertEqual(attachment.input_discarded, 2)
+
+
+class InputGateTests(SynchronousTestCase):
+    """The pty's producer pauses and resumes every client's input."""
+
+    def setUp(self) -> None:
+        self.multiplexer = Multiplexer(100)
+        self.pty = FakePty()
+        self.multiplexer.connect_pty(self.pty)
+
+    def test_pause_and_resume_all(self) -> None:
+        """
+        The pty pausing its producer pauses every client's input; resuming it resumes
+        them all, non-viewers included.
+        """
+        clients = [FakeClient(), FakeClient()]
+        for client in clients:
+            attach(self.multiplexer, client)
+        sink = FakeClient()
+        attach(self.multiplexer, sink, viewer=False)
+        self.pty.producer.pauseProducing()
+        for client in clients + [sink]:
+            self.assertEqual(client.input_events, ["pause"])
+        self.pty.producer.resumeProducing()
+        for client in clients + [sink]:
+            self.assertEqual(client.input_events, ["pause", "resume"])
+
+    def test_attached_while_paused(self) -> None:
+        """A client attached while input is paused is paused at attach, then resumed."""
+        self.pty.producer.pauseProducing()
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        self.assertEqual(client.input_events, ["pause"])
+        self.pty.producer.resumeProducing()
+        self.assertEqual(client.input_events, ["pause", "resume"])
+
+    def test_attached_while_running(self) -> None:
+        """A client attached while input flows is not paused."""
+        self.pty.producer.pauseProducing()
+        self.pty.producer.resumeProducing()
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        self.assertEqual(client.input_events, [])
+
+    def test_repeated_calls_collapse(self) -> None:
+        """Pausing twice or resuming twice tells each client once."""
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        self.pty.producer.resumeProducing()
+        self.pty.producer.pauseProducing()
+        self.pty.producer.pauseProducing()
+        self.pty.producer.resumeProducing()
+        self.pty.producer.resumeProducing()
+        self.assertEqual(client.input_events, ["pause", "resume"])
+
+    def test_detached_not_told(self) -> None:
+        """A detached client is not paused or resumed."""
+        client = FakeClient()
+        attach(self.multiplexer, client).detach()
+        self.pty.producer.pauseProducing()
+        self.pty.producer.resumeProducing()
+        self.assertEqual(client.input_events, [])
+
+    def test_output_continues_while_input_paused(self) -> None:
+        """Pausing input does not pause output."""
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        self.pty.producer.pauseProducing()
+        self.multiplexer.output_received(b"still here")
+        self.assertEqual(bytes(client.received), b"still here")
+
+    def test_stop_producing(self) -> None:
+        """The gate's stopProducing (the pty closing) tells clients nothing."""
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        self.pty.producer.stopProducing()
+        self.assertEqual(client.input_events, [])
+
+
+class ConsoleLostTests(SynchronousTestCase):
+    """When the pty goes away, every client is closed and whoever waits is told."""
+
+    def test_closes_clients(self) -> None:
+        """
+        Every client, viewer or not, is closed with code 4001 and a reason naming the
+        cause.
+        """
+        multiplexer = Multiplexer(100)
+        clients = [FakeClient(), FakeClient()]
+        for client in clients:
+            attach(multiplexer, client)
+        sink = FakeClient()
+        attach(multiplexer, sink, viewer=False)
+        multiplexer.console_lost("pty EOF")
+        for client in clients + [sink]:
+            [(code, reason)] = client.closes
+            self.assertEqual(code, CLOSE_CONSOLE_CLOSED)
+            self.assertEqual(code, 4001)
+            self.assertIn("pty EOF", reason)
+        self.assertEqual(multiplexer.closed_reason, "pty EOF")
+
+    def test_closes_clients_that_detach_themselves(self) -> None:
+        """
+        Clients that detach themselves while being closed (as real ones do) do not
+        cause any other client to be skipped.
+        """
+        multiplexer = Multiplexer(100)
+        clients = [FakeClient(detach_on_close=True) for _ in range(4)]
+        for client in clients:
+            attach(multiplexer, client)
+        multiplexer.console_lost("gone")
+        self.assertEqual([len(c.closes) for c in clients], [1, 1, 1, 1])
+        self.assertEqual(multiplexer.viewer_count, 0)
+
+    def test_callbacks_once(self) -> None:
+        """Every C{when_console_closed} callback is called once, with the cause."""
+        multiplexer = Multiplexer(100)
+        first: list[str] = []
+        second: list[str] = []
+        multiplexer.when_console_closed(first.append)
+        multiplexer.when_console_closed(second.append)
+        multiplexer.console_lost("hang-up")
+        self.assertEqual((first, second), (["hang-up"], ["hang-up"]))
+
+    def test_idempotent(self) -> None:
+        """
+        A second C{console_lost} closes nobody again, calls no callback again, and keeps
+        the first cause.
+        """
+        multiplexer = Multiplexer(100)
+        client = FakeClient()
+        attach(multiplexer, client)
+        called: list[str] = []
+        multiplexer.when_console_closed(called.append)
+        multiplexer.console_lost("first")
+        multiplexer.console_lost("second")
+        self.assertEqual(len(client.closes), 1)
+        self.assertEqual(called, ["first"])
+        self.assertEqual(multiplexer.closed_reason, "first")
+
+    def test_logged(self) -> None:
+        """Losing the console is logged with the cause and the number of clients."""
+        multiplexer = Multiplexer(100)
+        attach(multiplexer, FakeClient())
+        attach(multiplexer, FakeClient(), viewer=False)
+        with capturedLogs() as events:
+            multiplexer.console_lost("EIO")
+        [event] = events_with(events, "console closed")
+        self.assertEqual((event["reason"], event["clients"]), ("EIO", 2))
+
+
+class ServiceTests(SynchronousTestCase):
+    """Starting reads the pty; stopping closes clients, then the pty."""
+
+    def setUp(self) -> None:
+        self.multiplexer = Multiplexer(100)
+        self.pty = FakePty()
+        self.multiplexer.connect_pty(self.pty)
+
+    def test_start_reads(self) -> None:
+        """Starting the service starts reading the pty."""
+        self.multiplexer.startService()
+        self.assertEqual(self.pty.reading, 1)
+        self.assertTrue(self.multiplexer.running)
+
+    def test_start_after_console_lost(self) -> None:
+        """A console already lost is not read when the service starts."""
+        self.multiplexer.console_lost("gone")
+        self.multiplexer.startService()
+        self.assertEqual(self.pty.reading, 0)
+
+    def test_stop_closes_clients_then_pty(self) -> None:
+        """
+        Stopping closes every client with 1001, waits for them all to be gone, then
+        closes the pty once, and only then fires.
+        """
+        self.multiplexer.startService()
+        clients = [FakeClient(), FakeClient()]
+        for client in clients:
+            attach(self.multiplexer, client)
+        done = self.multiplexer.stopService()
+        for client in clients:
+            self.assertEqual(client.closes, [(CLOSE_GOING_AWAY, "server shutting down")])
+        self.assertEqual(CLOSE_GOING_AWAY, 1001)
+        clients[0].close_results[0].callback(None)
+        self.assertEqual(self.pty.closed, 0)
+        self.assertNoResult(done)
+        clients[1].close_results[0].callback(None)
+        self.assertEqual(self.pty.closed, 1)
+        self.successResultOf(done)
+        self.assertFalse(self.multiplexer.running)
+
+    def test_stop_without_clients(self) -> None:
+        """With no clients, stopping closes the pty at once."""
+        self.multiplexer.startService()
+        done = self.multiplexer.stopService()
+        self.assertEqual(self.pty.closed, 1)
+        self.successResultOf(done)
+
+    def test_stop_when_client_close_fails(self) -> None:
+        """A client whose close fails does not keep the pty open or fail the stop."""
+        self.multiplexer.startService()
+        client = FakeClient()
+        attach(self.multiplexer, client)
+        done = self.multiplexer.stopService()
+        client.close_results[0].errback(RuntimeError("boom"))
+        self.assertEqual(self.pty.closed, 1)
+        self.successResultOf(done)
