@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cloud_console.history import History, OffsetTooOld
 
 
-def _wrapped(capacity: int, *writes: bytes) -> History:
+def _wrapped(capacity: int, *writes: bytes | bytearray | memoryview) -> History:
     """A history of C{capacity} with C{writes} appended in order."""
     history = History(capacity)
     for data in writes:
