@@ -20,11 +20,14 @@ from twisted.python import usage
 
 USAGE = """\
 usage: cloud-console <path_to_pty> <bind_ip> <bind_port> [<log_file>] [options]
+       cloud-console --demo [<bind_ip> <bind_port>]
 
   path_to_pty  the pty slave to serve, e.g. /dev/pts/7
   bind_ip      the address to listen on (IPv4 or IPv6), e.g. 127.0.0.1 or ::1
   bind_port    the TCP port to listen on (1-65535)
   log_file     optional: append all console output to this file
+  --demo       serve a local shell on a fresh pty (default 127.0.0.1 8080), to try
+               cloud-console without a VM
 
 Options (as for `twistd cloudconsole`): --history-size N, --client-buffer N,
 --ack-window N, --static-dir DIR, --title T, --no-raw, --read-only, --port ENDPOINT
@@ -88,6 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE + "\n" + str(Options()))
         return 0
+    demo = "--demo" in args
+    if demo:
+        args.remove("--demo")
+        from twisted.internet import reactor
+
+        from .demo import start_demo_console
+
+        if not [a for a in args if not a.startswith("--")]:
+            args += ["127.0.0.1", "8080"]
+        args.insert(0, start_demo_console(reactor))
     try:
         option_argv = positional_to_options(args)
         options = Options()

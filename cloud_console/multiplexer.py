@@ -212,8 +212,11 @@ class Multiplexer(Service):
         pty.registerProducer(_InputGate(self), True)
 
     def when_console_closed(self, callback: Callable[[str], None]) -> None:
-        """Call C{callback(reason)} once, when the pty goes away."""
-        self._on_console_closed.append(callback)
+        """Call C{callback(reason)} once, when the pty goes away (at once if it has)."""
+        if self.closed_reason is not None:
+            callback(self.closed_reason)
+        else:
+            self._on_console_closed.append(callback)
 
     def output_received(self, data: bytes) -> None:
         """
@@ -257,7 +260,11 @@ class Multiplexer(Service):
         return sum(1 for a in self._attachments if a.viewer)
 
     def attach(
-        self, client: IConsoleClient, from_offset: int | None = None, viewer: bool = True
+        self,
+        client: IConsoleClient,
+        from_offset: int | None = None,
+        viewer: bool = True,
+        start: bool = True,
     ) -> Attachment:
         """
         Attach C{client} and send it the history from C{from_offset} (default: all of
@@ -267,13 +274,15 @@ class Multiplexer(Service):
         The history is sent and the client becomes live in one step, with no reactor turn
         in between, so no byte is lost or sent twice at the seam.
 
-        @raise ValueError: C{from_offset} is past the end of the output.
+        @param start: C{False} to only register the client and return its attachment, so
+            that it can be paused while the history goes out; then call L{start}.
+        @raise ValueError: C{from_offset} is negative or past the end of the output.
         """
         history = self.history
         if from_offset is None:
             from_offset = history.start
-        elif from_offset > history.end:
-            raise ValueError(f"offset {from_offset} is past the end of the output {history.end}")
+        elif not 0 <= from_offset <= history.end:
+            raise ValueError(f"offset {from_offset} is outside the output [0, {history.end}]")
         attachment = Attachment(self, client, from_offset, viewer)
         self._attachments.append(attachment)
         if self._input_paused:
@@ -287,13 +296,20 @@ class Multiplexer(Service):
         )
         if viewer:
             self._announce_viewers()
-        if from_offset < history.start:
-            attachment.cursor = history.start
-            if not client.gap(from_offset, history.start, "resume"):
-                self.detach(attachment)
-                return attachment
-        self._catch_up(attachment)
+        if start:
+            self.start(attachment)
         return attachment
+
+    def start(self, attachment: Attachment) -> None:
+        """Send a newly attached client what it asked for, then keep it live."""
+        history = self.history
+        if attachment.cursor < history.start:
+            lost_from = attachment.cursor
+            attachment.cursor = history.start
+            if not attachment.client.gap(lost_from, history.start, "resume"):
+                self.detach(attachment)
+                return
+        self._catch_up(attachment)
 
     def detach(self, attachment: Attachment) -> None:
         """Forget a client (idempotent)."""

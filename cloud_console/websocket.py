@@ -143,7 +143,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         resume_from = None
         if self.v1:
             resume_from = self._start_v1(multiplexer)
-        self.attachment = multiplexer.attach(self, resume_from)
+        # Register first, then send: the transport may pause us while the history goes out.
+        self.attachment = multiplexer.attach(self, resume_from, start=False)
+        multiplexer.start(self.attachment)
 
     def _start_v1(self, multiplexer: Multiplexer) -> int | None:
         """

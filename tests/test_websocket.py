@@ -368,3 +368,41 @@ class SiteTests(SiteTestCase):
         response = self.get(b"/")
         self.assertIn(b"503", response.split(b"\r\n")[0])
         self.assertIn(b"npm", response)
+
+
+class PauseDuringHistoryTests(SiteTestCase):
+    """A client can be paused while the history is still being sent to it."""
+
+    history_size = 300_000
+
+    def test_pause_while_history_goes_out(self) -> None:
+        """
+        The transport's pause during attach takes effect: only part of a large history is
+        written before the client is paused, and the rest follows on resume.
+        """
+        from cloud_console import websocket
+
+        original = websocket._TransportFlow.pauseProducing
+        pauses: list[int] = []
+
+        def pause_after_first_step(flow: websocket._TransportFlow) -> None:
+            pauses.append(1)
+            original(flow)
+
+        self.multiplexer.output_received(bytes(range(256)) * 1000)
+        client = WebClient(self.site, 1)
+        # Pause the transport as soon as the first frame has been written to it.
+        write = client.transport.write
+
+        def write_then_pause(data: bytes) -> None:
+            write(data)
+            if b"\x82" in data[:1] and not pauses and client.transport.producer is not None:
+                pause_after_first_step(client.transport.producer)
+
+        client.transport.write = write_then_pause  # type: ignore[method-assign]
+        client.upgrade()
+        first = client.output()
+        self.assertEqual(pauses, [1])
+        self.assertLess(len(first), 256_000)
+        client.transport.producer.resumeProducing()
+        self.assertEqual(first + client.output(), bytes(range(256)) * 1000)
