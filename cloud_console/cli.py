@@ -31,7 +31,8 @@ usage: cloud-console <path_to_pty> <bind_ip> <bind_port> [<log_file>] [options]
 
 Options (as for `twistd cloudconsole`): --history-size N, --client-buffer N,
 --ack-window N, --static-dir DIR, --title T, --no-raw, --read-only, --port ENDPOINT
-(listen on more endpoints). `cloud-console --help` lists them all.
+(listen on more endpoints), --allow-origin ORIGIN, --max-clients N,
+--password-file F, --token-file F. `cloud-console --help` lists them all.
 """
 
 EXIT_USAGE = 1
@@ -50,7 +51,8 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     positional: list[str] = []
     options: list[str] = []
     takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
-                   "--title", "--port", "--log-file", "--pty"}
+                   "--title", "--port", "--log-file", "--pty", "--allow-origin",
+                   "--max-clients", "--password-file", "--token-file"}
     args = list(argv)
     while args:
         arg = args.pop(0)

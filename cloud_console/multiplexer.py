@@ -127,6 +127,7 @@ class Attachment:
         self.viewer = viewer
         self.pause_reasons: set[str] = set()
         self.attached = True
+        self.read_only = False
         self.input_discarded = 0
 
     @property
@@ -265,6 +266,7 @@ class Multiplexer(Service):
         from_offset: int | None = None,
         viewer: bool = True,
         start: bool = True,
+        read_only: bool = False,
     ) -> Attachment:
         """
         Attach C{client} and send it the history from C{from_offset} (default: all of
@@ -274,6 +276,7 @@ class Multiplexer(Service):
         The history is sent and the client becomes live in one step, with no reactor turn
         in between, so no byte is lost or sent twice at the seam.
 
+        @param read_only: discard this client's input (a read-only credential).
         @param start: C{False} to only register the client and return its attachment, so
             that it can be paused while the history goes out; then call L{start}.
         @raise ValueError: C{from_offset} is negative or past the end of the output.
@@ -284,6 +287,7 @@ class Multiplexer(Service):
         elif not 0 <= from_offset <= history.end:
             raise ValueError(f"offset {from_offset} is outside the output [0, {history.end}]")
         attachment = Attachment(self, client, from_offset, viewer)
+        attachment.read_only = read_only
         self._attachments.append(attachment)
         if self._input_paused:
             client.pause_input()
@@ -367,13 +371,14 @@ class Multiplexer(Service):
         """
         if not data:
             return
-        if self.read_only or self._pty is None or self.closed_reason is not None:
+        read_only = self.read_only or attachment.read_only
+        if read_only or self._pty is None or self.closed_reason is not None:
             first = attachment.input_discarded == 0
             attachment.input_discarded += len(data)
             if first:
                 self._log.info(
                     "input discarded ({why}): {count} bytes",
-                    why="read-only" if self.read_only else "console closed",
+                    why="read-only" if read_only else "console closed",
                     count=len(data),
                 )
             return

@@ -18,6 +18,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from .access import CredentialFileError, OriginPolicy
 from .logfile import LogFileError, LogFileSink
 from .multiplexer import Multiplexer
 from .ptydevice import PtyDevice, PtyOpenError
@@ -116,13 +117,44 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
         title=options["title"] or options["pty"],
         client_buffer=options["client-buffer"],
         ack_window=options["ack-window"],
+        origins=OriginPolicy(tuple(options["allow-origin"])),
+        max_clients=options["max-clients"],
     )
-    site, factory = build_site(multiplexer, settings, options["static-dir"])
+    if settings.origins.allow_any:
+        console._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
+    try:
+        site, factory = build_site(
+            multiplexer,
+            settings,
+            options["static-dir"],
+            password_file=options["password-file"],
+            token_file=options["token-file"],
+            run_in_thread=_thread_runner(reactor),
+        )
+    except CredentialFileError as e:
+        device.close()
+        raise StartupError(str(e)) from e
+    if not (options["password-file"] or options["token-file"]):
+        console._log.info("no --password-file or --token-file: anyone who reaches the port may type")
     console.site = site
     console.websocket_factory = factory
     for description in options["port"]:
         strports.service(description, site, reactor=reactor).setServiceParent(console)
     return console
+
+
+def _thread_runner(reactor: Any) -> Any:
+    """Run password hashing off the reactor thread, where the reactor has threads."""
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.internet.threads import deferToThreadPool
+
+    if not IReactorThreads.providedBy(reactor):
+        return None
+
+    def run(function: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+    return run
 
 
 def exit_with_status_after_twistd(console: ConsoleService) -> None:

@@ -18,6 +18,7 @@ DEFAULT_PORT = "tcp:port=8080:interface=127.0.0.1"
 DEFAULT_HISTORY_SIZE = 80_000
 DEFAULT_CLIENT_BUFFER = 256 * 1024
 DEFAULT_ACK_WINDOW = 1024 * 1024
+DEFAULT_MAX_CLIENTS = 64
 
 
 def _positive_int(name: str) -> Any:
@@ -73,6 +74,15 @@ class Options(usage.Options):
             "Bytes a page may have unrendered (cloud-console.v1) before it is paused.",
             _positive_int("ack-window"),
         ],
+        [
+            "max-clients",
+            None,
+            DEFAULT_MAX_CLIENTS,
+            "Viewers at once; the next WebSocket upgrade is refused (503).",
+            _positive_int("max-clients"),
+        ],
+        ["password-file", None, None, "Require HTTP Basic credentials from this file (see cloud-console-passwd)."],
+        ["token-file", None, None, "Require (or also accept) bearer tokens from this file."],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
         ["title", None, None, "The page's title (default: the pty path)."],
     ]
@@ -80,6 +90,20 @@ class Options(usage.Options):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["port"] = []
+        self["allow-origin"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """
+        Also accept WebSocket upgrades from this browser origin (scheme://host[:port],
+        repeatable); * accepts any origin (not recommended).
+        """
+        from .access import normalize_origin
+
+        if origin not in ("*", "null") and normalize_origin(origin) is None:
+            raise usage.UsageError(
+                f"--allow-origin {origin!r} is not an origin like https://console.example.com"
+            )
+        self["allow-origin"].append(origin)
 
     def opt_port(self, description: str) -> None:
         """

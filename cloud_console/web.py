@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web import http, pages, resource, static
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
+from .access import build_gate
 from .multiplexer import Multiplexer
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
@@ -139,19 +140,12 @@ class ConsoleSite(Site):
         pass
 
 
-def build_site(
+def build_tree(
     multiplexer: Multiplexer,
-    settings: ConsoleSettings,
+    factory: ConsoleServerFactory,
     static_dir: str | Path | None = None,
-) -> tuple[ConsoleSite, ConsoleServerFactory]:
-    """
-    The console's web site.
-
-    @param static_dir: serve the page from this directory (read on every request, so a
-        rebuilt frontend is served without a restart); default the packaged build.
-    @return: the site and the WebSocket factory behind C{/ws}.
-    """
-    factory = ConsoleServerFactory(multiplexer, settings)
+) -> resource.Resource:
+    """The page, C{/ws} and C{/history} for one WebSocket factory."""
     where = Path(static_dir) if static_dir is not None else packaged_assets()
     root: resource.Resource
     if (where / "index.html").is_file():
@@ -162,4 +156,36 @@ def build_site(
         root.putChild(b"", MissingFrontend(where))
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"history", HistoryDownload(multiplexer))
-    return ConsoleSite(root), factory
+    return root
+
+
+def build_site(
+    multiplexer: Multiplexer,
+    settings: ConsoleSettings,
+    static_dir: str | Path | None = None,
+    password_file: str | None = None,
+    token_file: str | None = None,
+    run_in_thread: Any = None,
+) -> tuple[ConsoleSite, ConsoleServerFactory]:
+    """
+    The console's web site.
+
+    @param static_dir: serve the page from this directory (read on every request, so a
+        rebuilt frontend is served without a restart); default the packaged build.
+    @param password_file: require HTTP Basic credentials from this file.
+    @param token_file: require (or also accept) bearer tokens from this file.
+    @return: the site and the (read-write) WebSocket factory behind C{/ws}.
+    @raise cloud_console.access.CredentialFileError: a credential file is unusable.
+    """
+    factory = ConsoleServerFactory(multiplexer, settings)
+    if not (password_file or token_file):
+        return ConsoleSite(build_tree(multiplexer, factory, static_dir)), factory
+
+    def tree_for(read_only: bool) -> resource.IResource:
+        chosen = factory
+        if read_only:
+            chosen = ConsoleServerFactory(multiplexer, settings, read_only=True)
+        return build_tree(multiplexer, chosen, static_dir)
+
+    gate = build_gate(tree_for, password_file, token_file, run_in_thread)
+    return ConsoleSite(gate), factory

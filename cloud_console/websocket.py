@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .access import OriginPolicy
 from .multiplexer import (
     CLOSE_LAGGING,
     Attachment,
@@ -54,8 +55,10 @@ class ConsoleSettings:
     ack_window: int = 1024 * 1024
     #: Largest input message accepted from a client.
     max_message_size: int = 1024 * 1024
-    #: Extra allowed origins (C{scheme://host[:port]}); C{"*"} allows any.
-    allowed_origins: list[str] = field(default_factory=list)
+    #: Which browser origins may open the WebSocket.
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
+    #: Viewers at once; the next upgrade is refused with 503.
+    max_clients: int = 64
 
 
 @implementer(IPushProducer)
@@ -101,8 +104,29 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     # -- handshake -------------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
-        """Pick the protocol and note where a resuming v1 client wants to start."""
+        """
+        Refuse foreign origins and upgrades past the client limit; pick the protocol and
+        note where a resuming v1 client wants to start.
+        """
         self._peer = request.peer
+        settings = self.factory.settings
+        hosts = (request.headers.get("host"), request.headers.get("x-forwarded-host"))
+        if not settings.origins.permits(request.origin, hosts):
+            self._log.warn(
+                "refused WebSocket from {peer}: origin {origin!r} is not {host!r} "
+                "(see --allow-origin)",
+                peer=request.peer,
+                origin=request.origin,
+                host=hosts[0],
+            )
+            raise ConnectionDeny(403, "origin not allowed")
+        if self.factory.multiplexer.viewer_count >= settings.max_clients:
+            self._log.warn(
+                "refused WebSocket from {peer}: {clients} clients already (--max-clients)",
+                peer=request.peer,
+                clients=settings.max_clients,
+            )
+            raise ConnectionDeny(503, "too many clients")
         self.v1 = SUBPROTOCOL_V1 in request.protocols
         if self.v1:
             values = request.params.get("from")
@@ -144,7 +168,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         if self.v1:
             resume_from = self._start_v1(multiplexer)
         # Register first, then send: the transport may pause us while the history goes out.
-        self.attachment = multiplexer.attach(self, resume_from, start=False)
+        self.attachment = multiplexer.attach(
+            self, resume_from, start=False, read_only=self.factory.read_only
+        )
         multiplexer.start(self.attachment)
 
     def _start_v1(self, multiplexer: Multiplexer) -> int | None:
@@ -171,7 +197,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             historyStart=history.start,
             historyEnd=history.end,
             clients=multiplexer.viewer_count + 1,
-            readOnly=multiplexer.read_only,
+            readOnly=multiplexer.read_only or self.factory.read_only,
         )
         if restarted:
             self._send_event(
@@ -314,10 +340,14 @@ class ConsoleServerFactory(WebSocketServerFactory):
 
     protocol = ConsoleServerProtocol  # type: ignore[assignment]
 
-    def __init__(self, multiplexer: Multiplexer, settings: ConsoleSettings) -> None:
+    def __init__(
+        self, multiplexer: Multiplexer, settings: ConsoleSettings, read_only: bool = False
+    ) -> None:
         WebSocketServerFactory.__init__(self, server="cloud-console")
         self.multiplexer = multiplexer
         self.settings = settings
+        #: Whether this factory's viewers (a read-only credential's) may not type.
+        self.read_only = read_only
         # One call: each call resets the options it is not given.
         self.setProtocolOptions(
             # Input is keystrokes and pastes; anything bigger is abuse.

@@ -44,6 +44,8 @@ class SiteTestCase(SynchronousTestCase):
         self.multiplexer.connect_pty(self.pty)
         self.settings = ConsoleSettings(title="test console", client_buffer=4096, ack_window=2000)
         self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
+        # HTTP channel timeouts go on the memory reactor, not the global one.
+        self.site.reactor = self.reactor
         self._ports = iter(range(40000, 50000))
 
     def client(self, **upgrade: Any) -> WebClient:
@@ -176,6 +178,7 @@ class OriginalProtocolTests(SiteTestCase):
         """An input message over the limit closes the connection; nothing reaches the pty."""
         self.settings.max_message_size = 1000
         self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
+        self.site.reactor = self.reactor
         client = self.client()
         client.send(OP_BINARY, b"q" * 2000)
         self.assertEqual(bytes(self.pty.written), b"")

@@ -1,0 +1,418 @@
+"""
+Who may use the console: origin checks, passwords and bearer tokens via twisted.cred.
+
+A web console is a root shell on a VM for anyone who reaches it, so:
+
+ - the WebSocket upgrade is refused unless its C{Origin} is the page's own host (or an
+   origin the operator allowed): otherwise any web page an operator visits could open a
+   WebSocket to the console and type into the VM (cross-site WebSocket hijacking);
+ - optionally, every request (the page and the upgrade alike) needs a credential: HTTP
+   Basic against a file of PBKDF2-hashed passwords, or a bearer token from a file (in an
+   C{Authorization: Bearer} header, or once as C{?token=} on the page's URL, which sets a
+   same-site cookie the page's WebSocket then carries);
+ - a credential may be read-only: that viewer's input is discarded and counted.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import pages, resource, util
+from twisted.web.server import Request
+from zope.interface import Attribute, implementer
+
+#: PBKDF2-SHA256 rounds for new password hashes (OWASP's 2023 figure).
+DEFAULT_ITERATIONS = 600_000
+HASH_SCHEME = "pbkdf2-sha256"
+TOKEN_COOKIE = b"cloud-console-token"
+
+
+# -- origins ---------------------------------------------------------------------------
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def normalize_origin(origin: str) -> tuple[str, str, int] | None:
+    """
+    C{scheme://host[:port]} as (scheme, host, port) with the scheme's default port filled
+    in, so C{https://a} and C{https://a:443} compare equal; C{None} if it is not one.
+    """
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def _host_and_port(host: str, default_port: int) -> tuple[str, int] | None:
+    """A Host header value as (host, port)."""
+    try:
+        parts = urlsplit("//" + host.strip())
+        return (parts.hostname or "").lower(), parts.port or default_port
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """
+    Which browser origins may open the console's WebSocket.
+
+    Allowed: a request without C{Origin} (not a browser: a browser always sends one, so
+    no web page can leave it out), an origin whose host and port are the C{Host} the
+    request was sent to (or the C{X-Forwarded-Host} a reverse proxy set, which a web page
+    cannot set on a WebSocket), and any origin in C{allowed}. C{"*"} allows every origin.
+    """
+
+    allowed: tuple[str, ...] = ()
+
+    @property
+    def allow_any(self) -> bool:
+        return "*" in self.allowed
+
+    def permits(self, origin: str | None, hosts: Iterable[str | None]) -> bool:
+        if self.allow_any or not origin:
+            return True
+        if origin.strip() == "null":
+            return "null" in self.allowed
+        parsed = normalize_origin(origin)
+        if parsed is None:
+            return False
+        for allowed in self.allowed:
+            if normalize_origin(allowed) == parsed:
+                return True
+        scheme, host, port = parsed
+        for candidate in hosts:
+            if candidate and _host_and_port(candidate, port) == (host, port):
+                return True
+        return False
+
+
+# -- passwords -------------------------------------------------------------------------
+
+
+def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None) -> str:
+    """A password hash for the password file: C{pbkdf2-sha256$rounds$salt$hash}."""
+    salt = salt if salt is not None else os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    b64 = base64.b64encode
+    return f"{HASH_SCHEME}${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Whether C{password} matches C{encoded} (constant-time compare)."""
+    try:
+        scheme, rounds, salt, digest = encoded.split("$")
+        if scheme != HASH_SCHEME:
+            return False
+        expected = base64.b64decode(digest, validate=True)
+        computed = hashlib.pbkdf2_hmac(
+            "sha256", password.encode("utf-8"), base64.b64decode(salt, validate=True), int(rounds)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(computed, expected)
+
+
+class CredentialFileError(Exception):
+    """A password or token file cannot be read or has a bad line (which one, and why)."""
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who logged in, and whether they may type."""
+
+    name: str
+    read_only: bool
+
+
+def _role(value: str, where: str) -> bool:
+    if value in ("", "read-write", "rw"):
+        return False
+    if value in ("read-only", "ro"):
+        return True
+    raise CredentialFileError(f"{where}: role must be read-only or read-write, not {value!r}")
+
+
+def load_password_file(path: str) -> dict[str, tuple[str, bool]]:
+    """
+    Read C{user:hash[:read-only]} lines (C{#} comments and blank lines allowed).
+
+    @raise CredentialFileError: unreadable, a malformed line, or a plain-text password.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CredentialFileError(f"cannot read password file {path}: {e}") from e
+    users: dict[str, tuple[str, bool]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        fields = line.split(":")
+        if len(fields) not in (2, 3) or not fields[0]:
+            raise CredentialFileError(f"{where}: expected user:hash[:read-only]")
+        if not fields[1].startswith(HASH_SCHEME + "$") or fields[1].count("$") != 3:
+            raise CredentialFileError(
+                f"{where}: not a {HASH_SCHEME} hash (make one with cloud-console-passwd)"
+            )
+        users[fields[0]] = (fields[1], _role(fields[2] if len(fields) == 3 else "", where))
+    return users
+
+
+def load_token_file(path: str) -> list[tuple[bytes, bool]]:
+    """
+    Read one token per line, optionally followed by C{read-only}.
+
+    @raise CredentialFileError: unreadable, or a token shorter than 16 characters.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CredentialFileError(f"cannot read token file {path}: {e}") from e
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        if len(fields[0]) < 16:
+            raise CredentialFileError(f"{where}: a token must be at least 16 characters")
+        if len(fields) > 2:
+            raise CredentialFileError(f"{where}: expected: token [read-only]")
+        tokens.append((fields[0].encode("utf-8"), _role(fields[1] if len(fields) == 2 else "", where)))
+    return tokens
+
+
+class IBearerToken(credentials.ICredentials):
+    """A bearer token, from an C{Authorization: Bearer} header or the token cookie."""
+
+    token = Attribute("the token, bytes")
+
+
+@implementer(IBearerToken)
+@dataclass(frozen=True)
+class BearerToken:
+    token: bytes
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks Basic credentials against a password file.
+
+    PBKDF2 is slow on purpose, and a browser sends Basic credentials with every request,
+    so a successful check is remembered (as an HMAC of the password under a key that lives
+    only in this process) and an unknown user costs as much as a wrong password.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, users: dict[str, tuple[str, bool]], run: Callable[..., Any] | None = None) -> None:
+        self.users = users
+        self._run = run
+        # An unknown user is checked against this, at the cost of the file's own hashes.
+        rounds = next((int(h.split("$")[1]) for h, _ in users.values()), DEFAULT_ITERATIONS)
+        self._dummy = hash_password(secrets.token_hex(8), rounds)
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[str, bytes] = {}
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
+        try:
+            name = creds.username.decode("utf-8")
+            password = creds.password.decode("utf-8")
+        except UnicodeDecodeError:
+            return defer.fail(error.UnauthorizedLogin("credentials are not UTF-8"))
+        encoded, read_only = self.users.get(name, (self._dummy, False))
+        mac = hmac.new(self._key, password.encode("utf-8"), "sha256").digest()
+        if name in self.users and hmac.compare_digest(self._verified.get(name, b""), mac):
+            return defer.succeed(Access(name, read_only))
+
+        def verified(ok: bool) -> Access:
+            if not ok or name not in self.users:
+                raise error.UnauthorizedLogin("wrong user name or password")
+            self._verified[name] = mac
+            return Access(name, read_only)
+
+        if self._run is None:
+            return defer.maybeDeferred(verify_password, password, encoded).addCallback(verified)
+        d: defer.Deferred[bool] = self._run(verify_password, password, encoded)
+        return d.addCallback(verified)
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """Checks bearer tokens against a token file, comparing every token in constant time."""
+
+    credentialInterfaces = (IBearerToken,)
+
+    def __init__(self, tokens: list[tuple[bytes, bool]]) -> None:
+        self.tokens = tokens
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
+        found: Access | None = None
+        for index, (token, read_only) in enumerate(self.tokens):
+            if hmac.compare_digest(token, creds.token) and found is None:
+                found = Access(f"token #{index + 1}", read_only)
+        if found is None:
+            return defer.fail(error.UnauthorizedLogin("unknown token"))
+        return defer.succeed(found)
+
+
+@implementer(portal.IRealm)
+class ConsoleRealm:
+    """Hands out the read-write or the read-only site tree."""
+
+    def __init__(self, build_tree: Callable[[bool], resource.IResource]) -> None:
+        self._build_tree = build_tree
+        self._trees: dict[bool, resource.IResource] = {}
+
+    def tree(self, read_only: bool) -> resource.IResource:
+        if read_only not in self._trees:
+            self._trees[read_only] = self._build_tree(read_only)
+        return self._trees[read_only]
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
+        if resource.IResource not in interfaces:
+            raise NotImplementedError("only web resources here")
+        return resource.IResource, self.tree(avatarId.read_only), lambda: None
+
+
+def _basic_credentials(value: bytes) -> credentials.UsernamePassword | None:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        return None
+    user, sep, password = decoded.partition(b":")
+    if not sep:
+        return None
+    return credentials.UsernamePassword(user, password)
+
+
+class AuthGate(resource.Resource):
+    """
+    Asks every request for a credential and serves the tree its avatar is given.
+
+    Failures get 401 (with a Basic challenge when passwords are configured) and a log line
+    with the peer's address; nothing of the console is reachable without a credential.
+    """
+
+    _log = Logger()
+
+    def __init__(self, portal: portal.Portal, basic: bool) -> None:
+        resource.Resource.__init__(self)
+        self.portal = portal
+        self.basic = basic
+
+    def render(self, request: Request) -> Any:
+        return self._authorized(request).render(request)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> resource.IResource:
+        # Hand the segment back so the tree that is chosen resolves it, as twisted.web's
+        # guard does.
+        assert request.postpath is not None and request.prepath is not None
+        request.postpath.insert(0, request.prepath.pop())
+        return self._authorized(request)
+
+    def _credentials(self, request: Request) -> tuple[Any, bool]:
+        """The request's credential, and whether it came in the URL (set a cookie)."""
+        header = request.getHeader(b"authorization")
+        if header:
+            scheme, _, value = header.partition(b" ")
+            scheme = scheme.lower()
+            if scheme == b"basic" and self.basic:
+                return _basic_credentials(value), False
+            if scheme == b"bearer":
+                return BearerToken(value.strip()), False
+        token = (request.args or {}).get(b"token")
+        if token:
+            return BearerToken(token[0]), True
+        cookie = request.getCookie(TOKEN_COOKIE)
+        if cookie:
+            return BearerToken(cookie), False
+        return None, False
+
+    def _authorized(self, request: Request) -> resource.IResource:
+        creds, from_url = self._credentials(request)
+        peer = request.getClientAddress()
+        if creds is None:
+            self._log.info(
+                "no credentials from {peer} for {path}", peer=str(peer), path=request.uri.decode("latin-1")
+            )
+            return self._unauthorized()
+
+        def granted(result: tuple[Any, Any, Any]) -> Any:
+            if from_url:
+                request.addCookie(
+                    TOKEN_COOKIE, creds.token, path=b"/", httpOnly=True, sameSite="strict",
+                    secure=request.isSecure(),
+                )
+            return result[1]
+
+        def refused(failure: Failure) -> resource.IResource:
+            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            self._log.warn(
+                "authentication failed from {peer}: {why}", peer=str(peer), why=failure.getErrorMessage()
+            )
+            return self._unauthorized()
+
+        d = self.portal.login(creds, None, resource.IResource)
+        d.addCallbacks(granted, refused)
+        return util.DeferredResource(d)
+
+    def _unauthorized(self) -> resource.IResource:
+        challenge = [b'Basic realm="cloud-console", charset="UTF-8"'] if self.basic else [b"Bearer"]
+        return _Unauthorized(challenge)
+
+
+class _Unauthorized(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, challenges: list[bytes]) -> None:
+        resource.Resource.__init__(self)
+        self.challenges = challenges
+
+    def render(self, request: Request) -> bytes:
+        for challenge in self.challenges:
+            request.responseHeaders.addRawHeader(b"www-authenticate", challenge)
+        page: Any = pages.errorPage(401, "Unauthorized", "This console needs a credential.")
+        result: bytes = page.render(request)
+        return result
+
+
+def build_gate(
+    build_tree: Callable[[bool], resource.IResource],
+    password_file: str | None,
+    token_file: str | None,
+    run_in_thread: Callable[..., Any] | None = None,
+) -> AuthGate:
+    """
+    The authenticating root for the given credential files.
+
+    @raise CredentialFileError: a file cannot be read or has a bad line.
+    """
+    checkers: list[ICredentialsChecker] = []
+    if password_file:
+        checkers.append(PasswordChecker(load_password_file(password_file), run_in_thread))
+    if token_file:
+        checkers.append(TokenChecker(load_token_file(token_file)))
+    gate_portal = portal.Portal(ConsoleRealm(build_tree), checkers)
+    return AuthGate(gate_portal, basic=bool(password_file))
