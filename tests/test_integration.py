@@ -372,3 +372,28 @@ class TwistdPluginTests(TestCase):
         server.listening.addErrback(lambda f: None)
         self.assertEqual(await server.ended, 2)
         self.assertIn(b"not a terminal", server.stderr)
+
+
+class DemoTests(TestCase):
+    """`cloud-console --demo` serves a local shell on a fresh pty."""
+
+    timeout = 60
+
+    async def test_demo_shell(self) -> None:
+        """Typing a command in a client runs it in the demo shell, and its output comes back."""
+        port = free_port()
+        process = ServerProcess()
+        env = dict(os.environ, SHELL="/bin/sh", PYTHONPATH=str(ROOT))
+        reactor.spawnProcess(  # type: ignore[attr-defined]
+            process, sys.executable,
+            [sys.executable, "-m", "cloud_console.cli", "--demo", "127.0.0.1", str(port)],
+            env=env, path=str(ROOT),
+        )
+        await process.listening
+        client = await connect(port)
+        client.sendMessage(b"echo $((6*7))x\r", isBinary=True)
+        await client.wait_for(lambda got: b"42x" in got)
+        client.sendMessage(b"exit\r", isBinary=True)
+        code, reason = await client.closed
+        self.assertEqual(code, 4001)
+        self.assertEqual(await process.ended, 2)
