@@ -31,6 +31,7 @@ export class ConsoleConnection {
     this.acked = 0;          // last offset acknowledged on the current socket
     this.pending = 0;        // writes queued in the terminal
     this.freshReset = false; // a reset is queued and no byte came since
+    this.connects = 0;       // hellos received, over all sockets
     this.gaps = 0;
     this.lastGap = null;
     this.attempt = 0;
@@ -105,6 +106,7 @@ export class ConsoleConnection {
 
   onHello(message) {
     this.connected = true;
+    this.connects += 1;
     this.attempt = 0;
     this.closedReason = null;
     this.readOnly = Boolean(message.readOnly);

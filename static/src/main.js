@@ -73,8 +73,10 @@ async function main() {
     term,
     state: () => ({
       connected: connection.connected,
+      connects: connection.connects,
       next: connection.next,
       rendered: connection.rendered,
+      pending: connection.pending,
       gaps: connection.gaps,
       lastGap: connection.lastGap,
       lastStatus: status.lastStatus,
