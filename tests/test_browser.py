@@ -554,6 +554,40 @@ class BrowserTests(SynchronousTestCase):
         self.guest.wait_for_input(f"stty rows {rows} cols {cols}\rok".encode())
         self.assertEqual(watched.errors, [])
 
+    def test_clipboard(self) -> None:
+        """
+        Selecting text copies it; Ctrl+Shift+V and Shift+Insert paste the clipboard
+        into the guest (while Ctrl+C, tested above, stays a key for the guest).
+        """
+        server = self.start_server()
+        self.browser().grant_permissions(["clipboard-read", "clipboard-write"])
+        watched = self.open_page(self.url(server))
+        page = watched.page
+        self.guest.print("copy the word selectable from here")
+        watched.wait_for_text("selectable")
+
+        box = page.locator(".xterm-screen").bounding_box()
+        assert box is not None
+        cols, rows = page.evaluate(
+            "() => [window.cloudConsole.term.cols, window.cloudConsole.term.rows]"
+        )
+        # Double-click the word in the first row, columns 14 to 23.
+        page.mouse.dblclick(box["x"] + box["width"] / cols * 18.5, box["y"] + box["height"] / rows / 2)
+        self.assertEqual(page.evaluate("() => window.cloudConsole.term.getSelection()"), "selectable")
+        # Each poll reads the clipboard for the next one (the read is asynchronous).
+        watched.wait_for(
+            "() => { navigator.clipboard.readText().then(text => { window.clipboardText = text; });"
+            " return window.clipboardText === 'selectable'; }"
+        )
+
+        page.evaluate("() => navigator.clipboard.writeText('first paste')")
+        page.keyboard.press("Control+Shift+V")
+        self.guest.wait_for_input(b"first paste")
+        page.evaluate("() => navigator.clipboard.writeText(' and second')")
+        page.keyboard.press("Shift+Insert")
+        self.guest.wait_for_input(b"first paste and second")
+        self.assertEqual(watched.errors, [])
+
     def test_two_pages_see_each_other(self) -> None:
         """Two pages on one console: each sees what the other typed, echoed by the guest."""
         server = self.start_server()
