@@ -44,6 +44,7 @@ export class StatusBar {
     this.bar.dataset.phase = phase === 'connecting' && closedReason !== null ? 'closed' : phase;
     if (text !== this.lastStatus) {
       this.status.textContent = text;
+      this.status.title = text;
       this.lastStatus = text;
     }
   }
@@ -52,6 +53,7 @@ export class StatusBar {
   setNotice(text) {
     this.lastNotice = text;
     this.notice.textContent = text;
+    this.notice.title = text;
     this.notice.hidden = false;
     clearTimeout(this.noticeTimer);
     this.noticeTimer = setTimeout(() => { this.notice.hidden = true; }, NOTICE_MS);
