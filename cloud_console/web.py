@@ -77,6 +77,12 @@ class StaticFiles(static.File):
         return listing
 
     def getChild(self, path: bytes, request: Request) -> resource.IResource:
+        try:
+            path.decode("utf-8")
+        except UnicodeDecodeError:
+            # No file of ours has such a name; static.File would raise on it.
+            not_found: resource.IResource = pages.notFound()
+            return not_found
         child: resource.IResource = static.File.getChild(self, path, request)
         if isinstance(child, static.File) and child.isfile():
             if child.splitext()[1].lower() in COMPRESSIBLE:
@@ -123,13 +129,45 @@ class MissingFrontend(resource.Resource):
         ).encode("utf-8")
 
 
-class ConsoleSite(Site):
+class ConsoleChannel(http.HTTPChannel):
     """
-    The site: adds the security headers to every response and keeps request lines out
-    of the log (the console's own events say who attached).
+    An HTTP/1.1 channel that turns away a peer whose first byte cannot start a request.
+
+    A browser pointed at C{https://} on the plain port sends a TLS ClientHello, which has
+    no line end: twisted.web would wait for the request timeout with the connection open.
+    Every HTTP method starts with a letter, so anything else is answered 400 at once.
     """
 
     _log = Logger()
+    _first_data = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first_data and data:
+            self._first_data = False
+            if not data[:1].isalpha():
+                transport: Any = self.transport
+                self._log.info(
+                    "not HTTP from {peer} (first byte {byte!r}); closing",
+                    peer=str(transport.getPeer()),
+                    byte=data[:1],
+                )
+                transport.write(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                transport.loseConnection()
+                return
+        http.HTTPChannel.dataReceived(self, data)
+
+
+class ConsoleSite(Site):
+    """
+    The site: adds the security headers to every response and keeps request lines out
+    of the log (the console's own events say who attached). Plain HTTP/1.1 channels:
+    the console needs no HTTP/2, and WebSocket upgrades are HTTP/1.1.
+    """
+
+    _log = Logger()
+    protocol = ConsoleChannel  # type: ignore[assignment]
 
     def getResourceFor(self, request: Request) -> Any:
         for name, value in SECURITY_HEADERS.items():

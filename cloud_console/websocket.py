@@ -97,6 +97,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     _resume_from: int | None = None
     _resume_session: str | None = None
     _acked = 0
+    #: Ranges [from, to) skipped by gaps after the acknowledged offset: sent offsets jump
+    #: over them, so they do not count as unacknowledged.
+    _skipped: list[tuple[int, int]] = []
     _closed: Deferred[None] | None = None
     _gone = False
     _peer = "?"
@@ -245,9 +248,19 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         if offset <= self._acked:
             return
         self._acked = offset
+        if self._skipped:
+            self._skipped = [(f, t) for f, t in self._skipped if t > offset]
         if "acks" in attachment.pause_reasons:
-            if attachment.cursor - offset <= self.factory.settings.ack_window // 2:
+            if self._unacknowledged(attachment) <= self.factory.settings.ack_window // 2:
                 attachment.resume("acks")
+
+    def _unacknowledged(self, attachment: Attachment) -> int:
+        """Bytes sent to the page and not yet rendered, gaps not counted."""
+        acked = self._acked
+        unacked = attachment.cursor - acked
+        for lost_from, lost_to in self._skipped:
+            unacked -= lost_to - max(lost_from, acked)
+        return unacked
 
     # -- IConsoleClient --------------------------------------------------------------
 
@@ -256,7 +269,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(chunk.framed("v1", self.factory.frame_v1))
             attachment = self.attachment
             if attachment is not None:
-                if attachment.cursor - self._acked > self.factory.settings.ack_window:
+                if self._unacknowledged(attachment) > self.factory.settings.ack_window:
                     attachment.pause("acks")
         else:
             self.sendPreparedMessage(chunk.framed("raw", self.factory.frame_raw))
@@ -272,7 +285,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             "peer {peer} lost {lost} bytes ({reason})", peer=self._peer, lost=lost, reason=reason
         )
         if self.v1:
-            self._acked = lost_to
+            # What was sent before the gap is still on its way to the page: it stays
+            # unacknowledged; only the skipped range is not owed an ack.
+            self._skipped = [*self._skipped, (max(lost_from, self._acked), lost_to)]
             self._send_event("gap", reason=reason, lost=lost, **{"from": lost_from, "to": lost_to})
             return True
         self.close(CLOSE_LAGGING, f"lagging: {lost} bytes fell out of the history")
@@ -299,7 +314,8 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         closed = self._closed
         self.detach()
         if self.v1 and code == 4001:
-            self._send_event("closed", reason=reason)
+            why = self.factory.multiplexer.closed_reason or reason
+            self._send_event("closed", reason=why)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
         d: Deferred[None] = Deferred()

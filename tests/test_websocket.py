@@ -270,6 +270,32 @@ class V1ProtocolTests(SiteTestCase):
         client.send(OP_TEXT, b'{"type": "ack", "offset": 2700}')
         self.assertEqual(v1_data(client.frames()), [(2700, b"W" * 500)])
 
+    def test_ack_window_across_a_gap(self) -> None:
+        """
+        Bytes sent before a gap still count as unacknowledged after it (the page has yet
+        to render them); only the skipped range is not owed an ack.
+        """
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.frames()
+        self.multiplexer.output_received(b"a" * 900)  # sent, not acknowledged
+        self.assertEqual(v1_data(client.frames()), [(0, b"a" * 900)])
+        client.transport.producer.pauseProducing()
+        self.multiplexer.output_received(b"b" * 1500)  # [900, 2400): 400 lost, history 1000
+        client.transport.producer.resumeProducing()
+        frames = client.frames()
+        self.assertEqual([e["type"] for e in v1_events(frames)], ["gap"])
+        # 900 before the gap + 1000 of history = 1900 unacknowledged: not over 2000 yet.
+        self.assertEqual(v1_data(frames), [(1400, b"b" * 1000)])
+        self.multiplexer.output_received(b"c" * 200)
+        self.assertEqual(v1_data(client.frames()), [(2400, b"c" * 200)])
+        self.assertEqual(client.protocol.attachment.pause_reasons, {"acks"})
+        # Acknowledging everything before the gap brings it to 1200: still paused
+        # (over half the window); acknowledging past the gap resumes it.
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 900}')
+        self.assertEqual(client.protocol.attachment.pause_reasons, {"acks"})
+        client.send(OP_TEXT, b'{"type": "ack", "offset": 2000}')
+        self.assertEqual(client.protocol.attachment.pause_reasons, set())
+
     def test_ack_cannot_run_ahead(self) -> None:
         """An ack past what was sent counts only what was sent."""
         client = self.client(protocols=[SUBPROTOCOL_V1])
@@ -323,7 +349,7 @@ class V1ProtocolTests(SiteTestCase):
         client.frames()
         self.multiplexer.console_lost("pty hung up")
         frames = client.frames()
-        self.assertEqual(frames[0].json(), {"type": "closed", "reason": "console closed: pty hung up"})
+        self.assertEqual(frames[0].json(), {"type": "closed", "reason": "pty hung up"})
         self.assertEqual(frames[-1].close_code, 4001)
 
     def test_read_only_input_discarded(self) -> None:
