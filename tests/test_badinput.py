@@ -118,6 +118,7 @@ class Guest:
         self._pending = memoryview(bytes(data))
         d = self._written = defer.Deferred()
         reactor.addWriter(self)  # type: ignore[attr-defined]
+        self.doWrite()  # as much as the pty takes now; the rest as it drains
         return d
 
     def receives(self, condition: Callable[[bytes], bool]) -> defer.Deferred[None]:
@@ -166,6 +167,11 @@ class Server(protocol.ProcessProtocol):
             if waiter[0](self.stderr):
                 self._waiters.remove(waiter)
                 waiter[1].callback(None)
+        if b"Traceback" in self.stderr or b"Unhandled" in self.stderr:
+            # Whatever is awaited, the server has failed: say so now, not at the timeout.
+            waiters, self._waiters = self._waiters, []
+            for _, d in waiters:
+                d.errback(AssertionError("error in the server's log:\n" + self.stderr.decode(errors="replace")))
 
     outReceived = errReceived
 
