@@ -645,14 +645,19 @@ class HttpTests(ServerUnderTest):
     """Garbage instead of HTTP, wrong upgrades, path traversal and oversized headers."""
 
     async def test_random_bytes(self) -> None:
-        """Random bytes with line ends instead of a request: 400, or the connection closed."""
+        """
+        Binary garbage with line ends instead of a request, starting with a non-letter or
+        with a letter (past a first-byte check, into the HTTP parser): 400, or closed.
+        """
         await self.start()
-        garbage = bytes(range(256)) * 4 + b"\r\n\r\n"
-        raw = await self.http(garbage, "random bytes")
-        self.assertTrue(raw.status_line.startswith("HTTP/1.1 400") or not raw.received,
-                        raw.status_line)
-        await raw.lost
-        await self.assert_alive()
+        tail = bytes(range(256)) * 4 + b"\r\n\r\n"
+        for what, garbage in (("binary garbage", tail), ("a letter, then binary garbage", b"G" + tail),
+                              ("a request line of garbage", b"HELLO \x00\xff there\r\n\r\n")):
+            raw = await self.http(garbage, what)
+            self.assertTrue(raw.status_line.startswith("HTTP/1.1 400") or not raw.received,
+                            raw.status_line)
+            await raw.lost
+            await self.assert_alive()
         await self.stop_cleanly()
 
     async def test_tls_client_hello(self) -> None:
