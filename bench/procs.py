@@ -1,0 +1,307 @@
+"""
+Processes of a benchmark run: the server under test, the guest, the client processes,
+their JSON-lines control channels, and the meters (server CPU and RSS).
+
+Every process started here is recorded and stopped by its pid at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tty
+from dataclasses import dataclass
+
+import psutil
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+HOST = "127.0.0.1"
+
+
+class BenchError(Exception):
+    """A scenario could not be run (a server that did not start, a peer that hung)."""
+
+
+class Registry:
+    """Every child process, stopped by pid (SIGTERM, then SIGKILL) when the run ends."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+        self._n = 0
+
+    def start(self, argv: list[str], name: str, env: dict | None = None,
+              pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        self._n += 1
+        log = open(os.path.join(self.logdir, f"{self._n:03d}-{name}.log"), "wb")
+        # cwd: not the checkout, or `python -m` would import the package from there
+        # rather than from --server-pythonpath
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env, pass_fds=pass_fds, start_new_session=True,
+                                cwd=self.logdir)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc, 2.0)
+
+
+class Channel:
+    """A JSON-lines control connection to a guest or a client process."""
+
+    def __init__(self, sock: socket.socket, hello: dict, proc: subprocess.Popen | None) -> None:
+        self.sock = sock
+        self.hello = hello
+        self.pid = hello.get("pid")
+        self.proc = proc
+        self._buf = b""
+        self._pending: list[dict] = []
+
+    def send(self, **order) -> None:
+        self.sock.sendall(json.dumps(order).encode() + b"\n")
+
+    def recv(self, op: str | None = None, timeout: float = 60.0) -> dict:
+        """The next message (with C{op}, keeping others for later)."""
+        for i, message in enumerate(self._pending):
+            if op is None or message.get("op") == op:
+                return self._pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                message = json.loads(line)
+                if op is None or message.get("op") == op:
+                    return message
+                self._pending.append(message)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"no {op or 'reply'} from pid {self.pid} in {timeout:.0f} s")
+            readable, _, _ = select.select([self.sock], [], [], min(left, 1.0))
+            if readable:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    raise BenchError(f"pid {self.pid} hung up while we waited for {op}")
+                self._buf += data
+            elif self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"pid {self.pid} exited ({self.proc.returncode})")
+
+    def call(self, op: str, timeout: float = 60.0, **order) -> dict:
+        self.send(op=op, **order)
+        reply = self.recv(op, timeout)
+        if "error" in reply and op != "done":
+            raise BenchError(f"{op}: {reply['error']}")
+        return reply
+
+
+class Control:
+    """The UNIX socket every guest and client process dials back to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(64)
+
+    def accept(self, proc: subprocess.Popen | None, timeout: float = 20.0,
+               what: str = "a process") -> Channel:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{what} did not connect in {timeout:.0f} s")
+            readable, _, _ = select.select([self.sock], [], [], min(left, 0.5))
+            if readable:
+                conn, _ = self.sock.accept()
+                break
+            if proc is not None and proc.poll() is not None:
+                raise BenchError(f"{what} exited ({proc.returncode}) before connecting")
+        buf = b""
+        while b"\n" not in buf:
+            data = conn.recv(4096)
+            if not data:
+                raise BenchError(f"{what} hung up before saying hello")
+            buf += data
+        line, rest = buf.split(b"\n", 1)
+        channel = Channel(conn, json.loads(line), proc)
+        channel._buf = rest
+        return channel
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with status {proc.returncode} before listening")
+        try:
+            socket.create_connection((HOST, port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"server not listening on port {port} after {timeout:.0f} s")
+
+
+@dataclass
+class ServerSpec:
+    """A server to benchmark: C{kind} attach (serves our pty) or spawn (runs the guest)."""
+
+    name: str
+    kind: str
+    protocol: str
+    path: str
+    command: str
+    #: the server's --history-size, if not the run's (see run.py --big-history)
+    history: int | None = None
+
+    def argv(self, **values: str) -> list[str]:
+        quoted = {k: shlex.quote(v) for k, v in values.items() if k != "guest"}
+        quoted["guest"] = values.get("guest", "")
+        return shlex.split(self.command.format(**quoted))
+
+
+class Session:
+    """
+    One fresh server (with a fresh pty pair for an attach server) and its guest: every
+    scenario gets its own, so no history or memory carries over.
+    """
+
+    def __init__(self, spec: ServerSpec, registry: Registry, control: Control,
+                 workload_path: str, python: str, history: int, pythonpath: str) -> None:
+        self.spec = spec
+        self.registry = registry
+        self.control = control
+        self.workload_path = workload_path
+        self.port = free_port()
+        self.guest: Channel | None = None
+        self.guest_pids: set[int] = set()
+        self.master = self.slave = -1
+        values = {"host": HOST, "port": str(self.port), "python": python, "bench": BENCH,
+                  "history": str(spec.history or history), "repo": REPO}
+        if spec.kind == "attach":
+            self.master, self.slave = os.openpty()
+            tty.setraw(self.slave)
+            values["pty"] = os.ttyname(self.slave)
+            guest = registry.start(self.guest_argv(f"fd:{self.master}"), "guest",
+                                   pass_fds=(self.master,))
+            self.guest = control.accept(guest, what="the guest")
+            self.guest_pids.add(self.guest.pid)
+        else:
+            values["guest"] = shlex.join(self.guest_argv("stdio"))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = registry.start(spec.argv(**values), spec.name, env=env)
+        self.ps = psutil.Process(self.proc.pid)
+        try:
+            wait_listening(self.proc, self.port)
+        except BenchError:
+            self.close()
+            raise
+        # the server has the slave open now; the pair stays ours until close()
+
+    def guest_argv(self, fd_spec: str) -> list[str]:
+        return [sys.executable, os.path.join(BENCH, "guest.py"), self.control.path, fd_spec,
+                self.workload_path]
+
+    def need_guest(self) -> Channel:
+        """The guest (a spawn server starts it when the first client attaches)."""
+        if self.guest is None:
+            self.guest = self.control.accept(None, what="the guest (spawned by the server)")
+            self.guest_pids.add(self.guest.pid)
+        return self.guest
+
+    def clients(self, name: str = "clients") -> Channel:
+        """A new client process for this server."""
+        proc = self.registry.start(
+            [sys.executable, os.path.join(BENCH, "clientproc.py"), self.control.path,
+             self.workload_path, HOST, str(self.port), self.spec.path, self.spec.protocol],
+            name)
+        return self.control.accept(proc, what="a client process")
+
+    def cpu(self) -> float:
+        """User+system CPU seconds of the server and its descendants, guests excluded."""
+        total = 0.0
+        try:
+            procs = [self.ps] + self.ps.children(recursive=True)
+        except psutil.Error:
+            return total
+        for p in procs:
+            if p.pid in self.guest_pids:
+                continue
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def close(self) -> int | None:
+        status = self.registry.stop(self.proc)
+        if self.guest is not None:
+            try:
+                self.guest.send(op="quit")
+            except OSError:
+                pass
+            if self.guest.proc is not None:
+                self.registry.stop(self.guest.proc)
+            self.guest.sock.close()
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
+        return status
+
+
+class RssSampler(threading.Thread):
+    """The server's peak RSS, sampled every 50 ms until stopped."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(daemon=True)
+        self.session = session
+        self.peak = session.rss()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            try:
+                self.peak = max(self.peak, self.session.rss())
+            except psutil.Error:
+                return
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak

@@ -1,0 +1,250 @@
+"""One line per result as it comes in; at the end the ratio table and the design goals."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+MiB = 1 << 20
+CC = "cloud-console"
+PEER = "terminado"
+BIG = "cc-bighist"  # cloud-console with a history as large as the workload
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+class Report:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.results: dict[tuple, dict] = {}
+
+    def header(self, workdir: str) -> None:
+        load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"cloud-console bench: {self.args.mb} MiB workload, {os.cpu_count()} cores, "
+              f"load {load}, logs in {workdir}", flush=True)
+        print(f"  {CC}: --history-size {self.args.history_size}; {BIG}: the same server "
+              f"with a history larger than the workload (no client can fall out of it)",
+              flush=True)
+
+    def get(self, *key) -> dict:
+        r = self.results.get(tuple(key)) or {}
+        return {} if "failed" in r else r
+
+    def add(self, key: tuple, r: dict) -> None:
+        self.results[key] = r
+        kind, name, *rest = key
+        label = f"{kind:<11} {name:<14}"
+        if "failed" in r:
+            print(f"{label} {' '.join(map(str, rest))} FAILED: {r['failed']}", flush=True)
+            return
+        line = getattr(self, "_" + kind)(r, *rest)
+        print(f"{label} {line}", flush=True)
+
+    # -- one line per scenario -----------------------------------------------------------
+
+    def _baseline(self, r: dict, direction: str) -> str:
+        runs = "/".join(f"{x:.0f}" for x in r["runs"])
+        return (f"{direction}  median {r['median']:6.1f} MiB/s  best {r['best']:6.1f} MiB/s"
+                f"  runs {runs}  reader CPU {r['reader_cpu_ms_per_mib']:.2f} ms/MiB"
+                f" ({r['bytes_per_read']:.0f} B/read)")
+
+    def _throughput(self, r: dict, n: int) -> str:
+        head = f"clients={n:<4}"
+        if r["n_errors"] or "per_client" not in r:
+            return f"{head} NOT SCORED: {r['n_errors']} of {n} clients failed: {r['errors'][:1]}"
+        runs = ""
+        if len(r.get("runs", ())) > 1:
+            runs = "  runs " + " ".join(f"{x['per_client']:.0f}/{x['cpu_ms_per_mib']:.2f}"
+                                        for x in r["runs"])
+        return (f"{head} per-client {r['per_client']:6.1f} MiB/s (slowest {r['slowest']:.1f})"
+                f"  aggregate {r['aggregate']:6.1f} MiB/s  server CPU {r['cpu_ms_per_mib']:5.2f}"
+                f" ms/MiB ({r['cpu_cores']:.2f} cores)  frames {r['frame_bytes'] / 1024:.1f} KiB"
+                f"  [exact]{runs}")
+
+    def _latency(self, r: dict, bg: int) -> str:
+        head = "idle        " if not bg else f"background={bg} @{r['rate'] / MiB:g} MiB/s"
+        if "p50" not in r:
+            return f"{head} no samples ({r['timeouts']} timeouts)"
+        extra = f", {r['timeouts']} timeouts" if r["timeouts"] else ""
+        extra += f"; server {r['server_cores']:.2f} cores" if r["server_cores"] else ""
+        return (f"{head}  p50 {r['p50']:7.0f} us  p99 {r['p99']:7.0f} us  max {r['max']:7.0f}"
+                f" us  (n={r['n']}{extra})")
+
+    def _stalled(self, r: dict, n: int) -> str:
+        base = self.get("throughput", self._current, 10).get("per_client")
+        line = f"clients={n - 1}+1 "
+        if "per_client" in r:
+            vs = f" ({r['per_client'] / base:.2f}x of unstalled)" if base else ""
+            line += (f"others per-client {r['per_client']:6.1f} MiB/s{vs}  server CPU "
+                     f"{r['cpu_ms_per_mib']:.2f} ms/MiB  frames {r['frame_bytes'] / 1024:.1f} KiB")
+        if r["n_errors"]:
+            line += f"  {r['n_errors']} readers FAILED: {r['errors']}"
+        line += f"  rss +{_mib(r['rss_growth'])}"
+        s = (r.get("stalled_runs") or [r.get("stalled", {})])[0]
+        got = f"got {_mib(s.get('pos', 0))} of {_mib(s.get('total', 0))} intact"
+        if s.get("complete"):
+            what = f"{got}: caught up, complete"
+        elif s.get("close_code") is not None:
+            what = f"{got}, then closed {s['close_code']} {s['close_reason']!r}"
+        elif s.get("problem"):
+            what = f"{got}, then {s['problem']}"
+        else:
+            what = f"{got}, then nothing for 5 s (open: {not s.get('closed')})"
+        others = r.get("stalled_runs", [])[1:]
+        if others:
+            what += " (other runs: " + ", ".join(
+                "complete" if o.get("complete") else f"closed {o.get('close_code')}"
+                for o in others) + ")"
+        return f"{line}  | stalled client: {what}"
+
+    def _memory(self, r: dict) -> str:
+        parts = [f"idle {_mib(r['idle'])}"]
+        for n, each in r["per_client"].items():
+            parts.append(f"+{n} clients {_mib(r[f'clients_{n}'])} ({each / 1024:.1f} KiB each)")
+        if "per_client_marginal" in r:
+            parts.append(f"marginal {r['per_client_marginal'] / 1024:.1f} KiB/client")
+        parts.append(f"after {r['cycles']} cycles growth {r['growth'] / MiB:+.2f} MiB "
+                     f"({r['cycles_per_s']:.0f} cycles/s, {r['cycles_failed']} failed)")
+        return "  ".join(parts)
+
+    def _history(self, r: dict) -> str:
+        ok = "exact" if r.get("exact") else (
+            f"FAIL: got {r.get('received')} bytes for a {r['history']}-byte history")
+        fb = r["first_byte_ms"]
+        full = r["full_ms"]
+        timing = (f"first byte p50 {statistics.median(fb):.2f} ms max {max(fb):.2f} ms"
+                  if fb else "no bytes")
+        if full:
+            timing += f"; all {r['history']} bytes p50 {statistics.median(full):.2f} ms"
+        return (f"{ok} ({r.get('received')} B of {r['written']} written, {r.get('nul')} NUL)"
+                f"  {timing}  (n={len(fb)})")
+
+    @property
+    def _current(self) -> str:
+        return next(reversed(self.results))[1]
+
+    # -- the end -------------------------------------------------------------------------
+
+    def summary(self, elapsed: float) -> None:
+        print(f"\nratios (same run; per-client throughput; server CPU per MiB delivered)")
+        print(f"  {'':<26}{'MiB/s':>8}{'vs raw pty':>12}{'vs terminado':>14}"
+              f"{'ms/MiB':>9}{'CPU: terminado/this':>21}")
+        ceiling = {CC: self.get("baseline", "raw pty", "master->slave"),
+                   BIG: self.get("baseline", "raw pty", "master->slave"),
+                   PEER: self.get("baseline", "raw pty", "slave->master")}
+        for (kind, name, *rest), r in self.results.items():
+            if kind != "throughput" or "per_client" not in r or r["n_errors"]:
+                continue
+            n = rest[0]
+            peer = self.get("throughput", PEER, n)
+            raw = ceiling[name].get("best")
+            vs_raw = f"{r['per_client'] / raw:.2f}" if raw else "-"
+            vs_peer = f"{r['per_client'] / peer['per_client']:.2f}" if peer.get("per_client") else "-"
+            cpu_peer = (f"{peer['cpu_ms_per_mib'] / r['cpu_ms_per_mib']:.2f}"
+                        if peer.get("cpu_ms_per_mib") else "-")
+            print(f"  {name + f' clients={n}':<26}{r['per_client']:8.1f}{vs_raw:>12}{vs_peer:>14}"
+                  f"{r['cpu_ms_per_mib']:9.2f}{cpu_peer:>21}")
+        print("  (vs raw pty: the best bare-pty run in the direction the server reads)")
+        self._goals()
+        print(f"\nbench took {elapsed:.0f} s", flush=True)
+
+    def _scored(self, kind: str, *rest) -> tuple[dict, str]:
+        """cloud-console's result, or the big-history variant's if the default lost bytes."""
+        r = self.get(kind, CC, *rest)
+        if "per_client" in r and not r["n_errors"]:
+            return r, ""
+        return self.get(kind, BIG, *rest), " [big hist.]"
+
+    def _goals(self) -> None:
+        rows = []
+        for n in self.args.clients:
+            r = self.get("throughput", CC, n)
+            if r:
+                ok = not r["n_errors"]
+                rows.append((f"every byte to {n} client(s), default history",
+                             "yes" if ok else f"{r['n_errors']} closed", "yes", ok))
+        (t1, note1), (t10, note10) = self._scored("throughput", 1), self._scored("throughput", 10)
+        p1, p10 = self.get("throughput", PEER, 1), self.get("throughput", PEER, 10)
+        ttyd = self.args.ttyd_ms_per_mib
+        if "cpu_ms_per_mib" in t1:
+            c = t1["cpu_ms_per_mib"]
+            rows.append((f"CPU/MiB, 1 client <= ttyd{note1}", f"{c:.2f} ms", f"<= {ttyd:.2f} ms",
+                         c <= ttyd))
+            if "cpu_ms_per_mib" in p1:
+                lim = p1["cpu_ms_per_mib"] / 4
+                rows.append((f"CPU/MiB, 1 client <= terminado/4{note1}", f"{c:.2f} ms",
+                             f"<= {lim:.2f} ms", c <= lim))
+        if "cpu_ms_per_mib" in t10 and "cpu_ms_per_mib" in p10:
+            c, lim = t10["cpu_ms_per_mib"], p10["cpu_ms_per_mib"] / 8
+            rows.append((f"CPU/MiB, 10 clients <= terminado/8{note10}", f"{c:.2f} ms",
+                         f"<= {lim:.2f} ms", c <= lim))
+        for bg in (0, self.args.background):
+            lat = self.get("latency", CC, bg)
+            if "p99" in lat:
+                rows.append((f"echo p99 < 1 ms ({'idle' if not bg else f'{bg} streaming'})",
+                             f"{lat['p99']:.0f} us", "< 1000 us", lat["p99"] < 1000))
+        st, note = self._scored("stalled", 10)
+        base = self.get("throughput", BIG if note else CC, 10)
+        if "per_client" in st and "per_client" in base:
+            loss = 1 - st["per_client"] / base["per_client"]
+            rows.append((f"stalled client: others lose < 10 %{note}", f"{loss * 100:.1f} %",
+                         "< 10 %", loss < 0.10))
+        if "rss_growth" in st:
+            g = st["rss_growth"] / 1e6
+            rows.append((f"stalled client: server RSS < +5 MB{note}", f"+{g:.2f} MB", "< 5 MB",
+                         g < 5))
+        mem = self.get("memory", CC)
+        if mem:
+            per = max(mem["per_client"].values()) / 1024
+            rows.append(("idle client < 32 KiB", f"{per:.1f} KiB", "< 32 KiB", per < 32))
+            g = mem["growth"] / 1e6
+            rows.append((f"growth after {mem['cycles']} cycles < 2 MB", f"{g:+.2f} MB", "< 2 MB",
+                         g < 2))
+        h = self.get("history", CC)
+        if h.get("first_byte_ms"):
+            fb = statistics.median(h["first_byte_ms"])
+            rows.append(("history first byte < 5 ms (p50)", f"{fb:.2f} ms", "< 5 ms", fb < 5))
+            rows.append(("history exact (last --history-size bytes)",
+                         "exact" if h.get("exact") else "wrong", "exact", bool(h.get("exact"))))
+        raw = self.get("latency", "raw pty", 0)
+        print("\ndesign goals (cloud-console)" + (
+            f"; bare pty echo p99 now: {raw['p99']:.0f} us" if "p99" in raw else ""))
+        for what, got, want, ok in rows:
+            print(f"  {what:<54}{got:>12}  {want:<12}{'met' if ok else 'MISSED'}")
+        print("  [big hist.]: measured on cc-bighist, because the default history closed "
+              "clients")
+
+    def as_json(self) -> dict:
+        return {"args": vars(self.args), "time": time.time(),
+                "results": [{"key": list(k), **v} for k, v in self.results.items()]}
+
+
+def print_profile(path: str, top: int = 12) -> None:
+    """Top functions of a py-spy raw (collapsed stacks) file, by self and total samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            samples += n
+            frames = stack.split(";")
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for frame in set(frames):
+                total[frame] = total.get(frame, 0) + n
+    if not samples:
+        return
+    print(f"  profile ({samples} samples while busy; {path})")
+    for title, table in (("self", own), ("total", total)):
+        print(f"    top by {title}:")
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])
+        if title == "total":  # skip the main loop's frames, in (nearly) every sample
+            ranked = [kv for kv in ranked if kv[1] < 0.9 * samples]
+        for frame, n in ranked[:top]:
+            print(f"      {100 * n / samples:5.1f} %  {frame[:110]}")

@@ -1,0 +1,211 @@
+"""
+cloud-console's own benchmark: real server processes, a real pty, real WebSocket clients.
+
+Install the bench's dependencies into a venv of their own; the server runs from the
+checkout with the project's python (one that has twisted and autobahn):
+
+    python3 -m venv /tmp/ccbench-venv
+    /tmp/ccbench-venv/bin/pip install -r bench/requirements.txt   # + py-spy for --profile
+    /tmp/ccbench-venv/bin/python bench/run.py --server-python /path/to/project-venv/bin/python
+    ... --quick          # smoke run: 8 MiB, 300 latency samples, 200 cycles, 1 run each
+    ... --profile 10     # py-spy the server during the 10-client run, print the top costs
+
+Scenarios, each on a fresh server and pty: the raw pty baseline (throughput, reader CPU,
+echo round trip), throughput at 1/10/100 clients (every byte verified), echo latency
+(idle, and with 10 clients receiving a 1 MiB/s stream), a stalled client among 10,
+memory (idle clients, connect/close cycles), history (exactness, first byte). terminado
+runs the same scenarios in the same run; ratios and the design goals come last.
+
+"cc-bighist" is the same server with --history-size larger than the workload: when the
+default server closes clients as lagging (so its throughput is not scored), this is
+where its per-byte cost is measured. --server-pythonpath runs another copy of the
+package (e.g. a snapshot: git archive HEAD cloud_console | tar -x -C DIR). Process logs,
+the workload and profiles go to a fresh /tmp/ccbench-* directory named on the first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    import psutil  # noqa: F401
+except ImportError:
+    sys.exit("bench/run.py needs psutil and terminado: pip install -r bench/requirements.txt")
+
+import report  # noqa: E402
+import scenarios  # noqa: E402
+import procs  # noqa: E402
+from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
+from workload import cached  # noqa: E402
+
+CC_COMMAND = "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history}"
+TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 8 MiB, 300 latency samples, 200 cycles, 1 baseline run")
+    p.add_argument("--mb", type=int, help="workload MiB (default 64, quick 8)")
+    p.add_argument("--clients", default="1,10,100", help="throughput client counts")
+    p.add_argument("--repeat", type=int,
+                   help="throughput runs per figure, median kept (default 3, quick 1)")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="py-spy the server during the N-client throughput run "
+                        "(of the big-history variant if there is one); top costs printed")
+    p.add_argument("--client-procs", type=int, default=2,
+                   help="client processes sharing the clients of a run (default 2)")
+    p.add_argument("--samples", type=int, help="latency samples (default 2000, quick 300)")
+    p.add_argument("--warmup", type=int, help="latency warm-up round trips (default 200)")
+    p.add_argument("--background", type=int, default=10, help="clients in the loaded latency run")
+    p.add_argument("--background-rate", type=float, default=1.0,
+                   help="MiB/s the guest streams in the loaded latency run")
+    p.add_argument("--idle", default="100,1000", help="idle client counts for memory")
+    p.add_argument("--cycles", type=int, help="connect/close cycles (default 1000, quick 200)")
+    p.add_argument("--history-size", type=int, default=80000,
+                   help="the server's --history-size, and what a new client must get")
+    p.add_argument("--history-write", type=int, default=200000,
+                   help="bytes written before the history check (cut at a line end)")
+    p.add_argument("--history-repeats", type=int, default=20)
+    p.add_argument("--baseline-runs", type=int, help="raw pty runs per direction (default 5)")
+    p.add_argument("--scenarios", default=",".join(ALL), help="subset of " + ",".join(ALL))
+    p.add_argument("--server-python", default=sys.executable,
+                   help="python that runs cloud-console (needs twisted, autobahn)")
+    p.add_argument("--server-cmd", default=CC_COMMAND,
+                   help="cloud-console command; placeholders {python} {pty} {host} {port} "
+                        "{history} {repo} {bench} (default: %(default)s)")
+    p.add_argument("--server-pythonpath", default=None,
+                   help="directory holding the cloud_console package to run (default: this "
+                        "checkout); e.g. a snapshot: git archive HEAD | tar -x -C DIR")
+    p.add_argument("--big-history", type=int, default=-1,
+                   help="also run throughput and stalled with this --history-size in MiB, "
+                        "so that no client can fall out of the history (default: workload "
+                        "+ 4 MiB; 0 = off)")
+    p.add_argument("--no-peer", action="store_true", help="skip terminado")
+    p.add_argument("--peer-clients", default="1,10",
+                   help="throughput client counts for terminado (default 1,10)")
+    p.add_argument("--ttyd-ms-per-mib", type=float, default=3.4,
+                   help="ttyd's server CPU per MiB at 1 client, for the goal check "
+                        "(from the shared harness; default 3.4)")
+    p.add_argument("--timeout", type=float, default=180, help="bound on any one phase, s")
+    p.add_argument("--json", help="write every result as JSON to this file")
+    a = p.parse_args(argv)
+    a.mb = a.mb or (8 if a.quick else 64)
+    a.samples = a.samples or (300 if a.quick else 2000)
+    a.warmup = a.warmup or (50 if a.quick else 200)
+    a.cycles = a.cycles or (200 if a.quick else 1000)
+    a.baseline_runs = a.baseline_runs or (2 if a.quick else 5)
+    a.repeat = a.repeat or (1 if a.quick else 3)
+    a.scenarios = [s for s in a.scenarios.split(",") if s]
+    a.clients = [int(n) for n in a.clients.split(",") if n]
+    a.peer_clients = [int(n) for n in a.peer_clients.split(",") if n]
+    a.idle = [int(n) for n in a.idle.split(",") if n]
+    return a
+
+
+def check_server(args: argparse.Namespace) -> None:
+    """Fail early with a useful message; raise the server's client limit if it has one."""
+    try:
+        import terminado  # noqa: F401
+    except ImportError:
+        sys.exit("terminado is missing: pip install -r bench/requirements.txt")
+    if args.server_cmd != CC_COMMAND:
+        return
+    env = dict(os.environ, PYTHONPATH=args.server_pythonpath or procs.REPO)
+    probe = subprocess.run([args.server_python, "-m", "cloud_console.cli", "--help"],
+                           capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    if probe.returncode:
+        sys.exit(f"{args.server_python} cannot run cloud_console.cli ({probe.stderr.strip()[-300:]})"
+                 ": name the project's venv with --server-python")
+    if "--max-clients" in probe.stdout:
+        limit = max(args.idle + args.clients + [args.background + 1]) + 16
+        args.server_cmd += f" --max-clients {limit}"
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    check_server(args)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    workdir = tempfile.mkdtemp(prefix="ccbench-")
+    registry = Registry(workdir)
+    control = Control(os.path.join(workdir, "control.sock"))
+    size = args.mb * scenarios.MiB
+    ctx = scenarios.Context(registry, control, cached(size), args.server_python,
+                            args.history_size, size, args.timeout,
+                            args.server_pythonpath or procs.REPO)
+    servers = [ServerSpec("cloud-console", "attach", "raw", "/ws", args.server_cmd)]
+    if args.big_history:
+        big = (args.big_history if args.big_history > 0 else args.mb + 4) * scenarios.MiB
+        servers.append(ServerSpec(report.BIG, "attach", "raw", "/ws", args.server_cmd, big))
+    if not args.no_peer:
+        servers.append(ServerSpec("terminado", "spawn", "terminado", "/websocket",
+                                  TERMINADO_COMMAND))
+    out = report.Report(args)
+    out.header(workdir)
+    started = time.monotonic()
+
+    def attempt(key: tuple, fn, *fn_args) -> None:
+        try:
+            result = fn(ctx, *fn_args)
+        except (BenchError, OSError) as e:
+            result = {"failed": str(e)}
+            with open(os.path.join(workdir, "errors.log"), "a") as log:
+                log.write(f"{key}\n{traceback.format_exc()}\n")
+        out.add(key, result)
+
+    try:
+        if "baseline" in args.scenarios:
+            for direction in ("master->slave", "slave->master"):
+                attempt(("baseline", "raw pty", direction), scenarios.baseline, direction,
+                        args.baseline_runs)
+            attempt(("latency", "raw pty", 0), scenarios.pty_echo, args.samples, args.warmup)
+        for spec in servers:
+            peer = spec.name == report.PEER
+            big = spec.name == report.BIG
+            if "throughput" in args.scenarios:
+                for n in (args.peer_clients if peer else args.clients):
+                    profile = None
+                    if n == args.profile and spec.name == (report.BIG if args.big_history
+                                                           else report.CC):
+                        profile = os.path.join(workdir, f"profile-{n}.txt")
+                    attempt(("throughput", spec.name, n), scenarios.throughput, spec, n,
+                            args.client_procs, args.repeat, profile)
+                    if profile and os.path.exists(profile):
+                        report.print_profile(profile)
+            if "latency" in args.scenarios and not big:
+                for bg in (0, args.background):
+                    attempt(("latency", spec.name, bg), scenarios.latency, spec, args.samples,
+                            args.warmup, bg, args.background_rate * scenarios.MiB)
+            if "stalled" in args.scenarios:
+                attempt(("stalled", spec.name, 10), scenarios.stalled, spec, 10,
+                        args.client_procs, args.repeat)
+            if "memory" in args.scenarios and not big:
+                attempt(("memory", spec.name), scenarios.memory, spec, args.idle, args.cycles)
+            if "history" in args.scenarios and not big:
+                attempt(("history", spec.name), scenarios.history, spec, args.history_write,
+                        args.history_repeats)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    finally:
+        registry.stop_all()
+    out.summary(time.monotonic() - started)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out.as_json(), f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
