@@ -52,7 +52,7 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     options: list[str] = []
     takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
                    "--title", "--port", "--log-file", "--pty", "--allow-origin",
-                   "--max-clients", "--password-file", "--token-file"}
+                   "--max-clients", "--password-file", "--token-file", "--max-stall"}
     args = list(argv)
     while args:
         arg = args.pop(0)

@@ -8,6 +8,13 @@ history is the only queue and nothing is copied per client. A client whose curso
 fallen out of the history learns of the gap; what it does then (close, or reset and
 replay) is its own business.
 
+The guest is read at the pace of the viewers that keep up, as far as the history allows:
+the pty is read only as far as every paused viewer still finds its next byte in the
+history. A viewer that makes no progress for C{max_stall} seconds while it holds the
+reading back stops pacing the guest (it then falls behind and learns of the gap), so one
+stuck browser delays the guest and the others by at most that, once; it paces again once
+it has caught up.
+
 Input from any client goes to the pty. When the guest stops reading its input, the pty's
 write buffer fills and the multiplexer pauses every client's I{input} (their transports
 stop reading), so keystrokes are neither buffered without bound nor dropped.
@@ -20,7 +27,7 @@ from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -102,6 +109,8 @@ class _PtyWriter(Protocol):
 
     def startReading(self) -> None: ...
 
+    def stopReading(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -127,6 +136,8 @@ class Attachment:
         self.viewer = viewer
         self.pause_reasons: set[str] = set()
         self.attached = True
+        #: Whether the guest's output waits for this client when it falls behind.
+        self.paces = viewer
         self.read_only = False
         self.input_discarded = 0
 
@@ -150,6 +161,7 @@ class Attachment:
         self.pause_reasons.discard(reason)
         if not self.pause_reasons and self.attached:
             self.multiplexer._catch_up(self)
+            self.multiplexer._release_reading()
 
     def send_input(self, data: bytes) -> None:
         """Write what this client typed to the pty."""
@@ -194,9 +206,19 @@ class Multiplexer(Service):
 
     _log = Logger()
 
-    def __init__(self, history_size: int, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        history_size: int,
+        read_only: bool = False,
+        clock: IReactorTime | None = None,
+        max_stall: float = 0.25,
+    ) -> None:
         self.history = History(history_size)
         self.session = secrets.token_hex(8)
+        self.clock = clock
+        self.max_stall = max_stall
+        self._reading_held = False
+        self._stall_call: IDelayedCall | None = None
         self.read_only = read_only
         self._attachments: list[Attachment] = []
         self._pty: _PtyWriter | None = None
@@ -218,6 +240,61 @@ class Multiplexer(Service):
             callback(self.closed_reason)
         else:
             self._on_console_closed.append(callback)
+
+    def read_budget(self) -> int:
+        """
+        How many bytes the pty may be read now: as many as keep every pacing viewer's
+        next byte in the history. At 0 the reading is held (the caller stops reading)
+        until a viewer moves on, or for at most C{max_stall} seconds.
+        """
+        budget = self._room()
+        if budget <= 0 and not self._reading_held:
+            if self.clock is None or self.max_stall <= 0:
+                self._stop_waiting_for_stalled()
+                return max(self._room(), 0)
+            self._reading_held = True
+            self._stall_call = self.clock.callLater(self.max_stall, self._stall_expired)
+        return max(budget, 0)
+
+    def _room(self) -> int:
+        """Bytes until the first pacing viewer's next byte would leave the history."""
+        history = self.history
+        capacity, end = history.capacity, history.end
+        room = capacity
+        for attachment in self._attachments:
+            if attachment.paces and attachment.paused:
+                room = min(room, capacity - (end - attachment.cursor))
+        return room
+
+    def _stop_waiting_for_stalled(self) -> None:
+        """The viewers that hold the reading back no longer pace the guest."""
+        history = self.history
+        for attachment in self._attachments:
+            if attachment.paces and attachment.paused:
+                if history.capacity - (history.end - attachment.cursor) <= 0:
+                    attachment.paces = False
+                    self._log.warn(
+                        "client at offset {offset} made no progress for {stall} s; the "
+                        "console no longer waits for it",
+                        offset=attachment.cursor,
+                        stall=self.max_stall,
+                    )
+
+    def _stall_expired(self) -> None:
+        self._stall_call = None
+        self._stop_waiting_for_stalled()
+        self._release_reading()
+
+    def _release_reading(self) -> None:
+        """Read the pty again if it was held and there is room now."""
+        if not self._reading_held or self._room() <= 0:
+            return
+        self._reading_held = False
+        if self._stall_call is not None:
+            self._stall_call.cancel()
+            self._stall_call = None
+        if self._pty is not None and self.running and self.closed_reason is None:
+            self._pty.startReading()
 
     def output_received(self, data: bytes) -> None:
         """
@@ -321,6 +398,7 @@ class Multiplexer(Service):
             return
         attachment.attached = False
         self._attachments.remove(attachment)
+        self._release_reading()
         self._log.info(
             "client detached at offset {offset}; {clients} attached",
             offset=attachment.cursor,
@@ -345,6 +423,8 @@ class Multiplexer(Service):
             cursor = attachment.cursor
             end = history.end
             if cursor >= end:
+                if not attachment.paces and attachment.viewer:
+                    attachment.paces = True  # caught up: the guest may wait for it again
                 return
             start = history.start
             if cursor < start:

@@ -88,6 +88,7 @@ class PtyDevice(FileDescriptor):
         on_lost: Callable[[str], None],
         saved_attributes: list[Any] | None = None,
         reactor: IReactorFDSet | None = None,
+        read_budget: Callable[[], int] | None = None,
     ) -> None:
         FileDescriptor.__init__(self, reactor)
         self.fd = fd
@@ -96,6 +97,7 @@ class PtyDevice(FileDescriptor):
         self._on_lost = on_lost
         self._saved_attributes = saved_attributes
         self._closing_on_purpose = False
+        self._read_budget = read_budget
         self.connected = 1
 
     @classmethod
@@ -106,10 +108,16 @@ class PtyDevice(FileDescriptor):
         on_output: Callable[[bytes], None],
         on_lost: Callable[[str], None],
         reactor: IReactorFDSet | None = None,
+        read_budget: Callable[[], int] | None = None,
     ) -> PtyDevice:
-        """Open C{path} (see L{open_tty}); reading starts with L{startReading}."""
+        """
+        Open C{path} (see L{open_tty}); reading starts with L{startReading}.
+
+        @param read_budget: asked before each burst how many bytes may be read; at 0 the
+            device stops reading until someone calls L{startReading} again.
+        """
         fd, saved = open_tty(path, raw)
-        device = cls(fd, path, on_output, on_lost, saved, reactor)
+        device = cls(fd, path, on_output, on_lost, saved, reactor, read_budget)
         cls._log.info("pty {path} opened (raw: {raw})", path=path, raw=raw)
         return device
 
@@ -134,12 +142,18 @@ class PtyDevice(FileDescriptor):
         Read until the pty has nothing more (or L{READ_PER_TURN}), then hand the whole
         burst on at once: one wake-up, one chunk, one frame per client.
         """
+        limit = READ_PER_TURN
+        if self._read_budget is not None:
+            limit = min(limit, self._read_budget())
+            if limit <= 0:
+                self.stopReading()
+                return None
         pieces: list[bytes] = []
         total = 0
         fd = self.fd
-        while total < READ_PER_TURN:
+        while total < limit:
             try:
-                data = os.read(fd, READ_SIZE)
+                data = os.read(fd, min(READ_SIZE, limit - total))
             except BlockingIOError:
                 break
             except InterruptedError:

@@ -91,7 +91,12 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
 
     @raise StartupError: the pty or the log file cannot be opened.
     """
-    multiplexer = Multiplexer(options["history-size"], read_only=bool(options["read-only"]))
+    multiplexer = Multiplexer(
+        options["history-size"],
+        read_only=bool(options["read-only"]),
+        clock=reactor,
+        max_stall=options["max-stall"],
+    )
     try:
         device = PtyDevice.open(
             options["pty"],
@@ -99,6 +104,7 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
             on_output=multiplexer.output_received,
             on_lost=multiplexer.console_lost,
             reactor=reactor,
+            read_budget=multiplexer.read_budget,
         )
     except PtyOpenError as e:
         raise StartupError(str(e)) from e

@@ -34,6 +34,19 @@ def _positive_int(name: str) -> Any:
     return parse
 
 
+def _non_negative_float(name: str) -> Any:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}")
+        if not 0 <= number < float("inf"):
+            raise usage.UsageError(f"--{name} must be 0 or more, not {value}")
+        return number
+
+    return parse
+
+
 class Options(usage.Options):
     """Everything an operator can set; checked here so mistakes are usage errors."""
 
@@ -83,6 +96,14 @@ class Options(usage.Options):
         ],
         ["password-file", None, None, "Require HTTP Basic credentials from this file (see cloud-console-passwd)."],
         ["token-file", None, None, "Require (or also accept) bearer tokens from this file."],
+        [
+            "max-stall",
+            None,
+            0.25,
+            "Seconds the guest's output waits for a viewer that stopped making progress "
+            "(then it no longer waits for that viewer); 0 never waits.",
+            _non_negative_float("max-stall"),
+        ],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
         ["title", None, None, "The page's title (default: the pty path)."],
     ]
