@@ -149,11 +149,7 @@ class Attachment:
     def pause(self, reason: str) -> None:
         """Hold output back (C{reason}: "transport", "acks", ...) until L{resume}."""
         if not self.pause_reasons:
-            self.multiplexer._log.debug(
-                "client paused ({reason}) at offset {cursor}",
-                reason=reason,
-                cursor=self.cursor,
-            )
+            pass
         self.pause_reasons.add(reason)
 
     def resume(self, reason: str) -> None:
@@ -211,9 +207,13 @@ class Multiplexer(Service):
         history_size: int,
         read_only: bool = False,
         clock: IReactorTime | None = None,
-        max_stall: float = 0.25,
+        max_stall: float = 0.1,
+        lag_window: int = 0,
     ) -> None:
-        self.history = History(history_size)
+        # The ring is the replayed history, or the lag window if that is larger: slow
+        # viewers catch up from it, new ones are sent only the last history_size bytes.
+        self.history = History(max(history_size, lag_window))
+        self.replay_size = history_size
         self.session = secrets.token_hex(8)
         self.clock = clock
         self.max_stall = max_stall
@@ -226,6 +226,16 @@ class Multiplexer(Service):
         self._closing = False
         self.closed_reason: str | None = None
         self._on_console_closed: list[Callable[[str], None]] = []
+
+    @property
+    def replay_start(self) -> int:
+        """Offset of the oldest byte a new client is sent (the last history_size)."""
+        history = self.history
+        return max(history.start, history.end - self.replay_size)
+
+    def replay(self) -> bytes:
+        """The history a new client gets, oldest first."""
+        return self.history.read_from(self.replay_start)
 
     # -- the pty side ----------------------------------------------------------------
 
@@ -257,21 +267,34 @@ class Multiplexer(Service):
         return max(budget, 0)
 
     def _room(self) -> int:
-        """Bytes until the first pacing viewer's next byte would leave the history."""
+        """
+        Bytes until the first pacing viewer's next byte would leave the history; none
+        while every pacing viewer is paused, so that output waits in the pty and goes out
+        on the shared path (one frame for all) once a viewer can take it.
+        """
         history = self.history
         capacity, end = history.capacity, history.end
         room = capacity
+        pacing = live = False
         for attachment in self._attachments:
-            if attachment.paces and attachment.paused:
-                room = min(room, capacity - (end - attachment.cursor))
+            if attachment.paces:
+                pacing = True
+                if attachment.paused:
+                    room = min(room, capacity - (end - attachment.cursor))
+                else:
+                    live = True
+        if pacing and not live:
+            return 0
         return room
 
     def _stop_waiting_for_stalled(self) -> None:
         """The viewers that hold the reading back no longer pace the guest."""
         history = self.history
+        everyone_paused = not any(a.paces and not a.paused for a in self._attachments)
         for attachment in self._attachments:
             if attachment.paces and attachment.paused:
-                if history.capacity - (history.end - attachment.cursor) <= 0:
+                room = history.capacity - (history.end - attachment.cursor)
+                if everyone_paused or room <= 0:
                     attachment.paces = False
                     self._log.warn(
                         "client at offset {offset} made no progress for {stall} s; the "
@@ -360,7 +383,7 @@ class Multiplexer(Service):
         """
         history = self.history
         if from_offset is None:
-            from_offset = history.start
+            from_offset = self.replay_start
         elif not 0 <= from_offset <= history.end:
             raise ValueError(f"offset {from_offset} is outside the output [0, {history.end}]")
         attachment = Attachment(self, client, from_offset, viewer)

@@ -25,6 +25,11 @@ from .ptydevice import PtyDevice, PtyOpenError
 from .web import ConsoleSite, build_site
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
+#: Bytes a paused viewer may fall behind and still catch up intact, whatever the
+#: replayed history's size: the ring is this large at least. Measured: with the 80 KB
+#: history alone, a viewer paused for a millisecond of a flood fell out of it.
+LAG_WINDOW = 1024 * 1024
+
 #: Exit status when the console (pty) could not be opened or went away: the original's.
 EXIT_CONSOLE_FAILED = 2
 
@@ -96,6 +101,7 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
         read_only=bool(options["read-only"]),
         clock=reactor,
         max_stall=options["max-stall"],
+        lag_window=LAG_WINDOW,
     )
     try:
         device = PtyDevice.open(

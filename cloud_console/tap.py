@@ -99,7 +99,7 @@ class Options(usage.Options):
         [
             "max-stall",
             None,
-            0.25,
+            0.1,
             "Seconds the guest's output waits for a viewer that stopped making progress "
             "(then it no longer waits for that viewer); 0 never waits.",
             _non_negative_float("max-stall"),

@@ -106,7 +106,7 @@ class HistoryDownload(resource.Resource):
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-disposition", b'attachment; filename="console.log"')
         request.setHeader(b"cache-control", b"no-store")
-        return self.multiplexer.history.contents()
+        return self.multiplexer.replay()
 
 
 class MissingFrontend(resource.Resource):

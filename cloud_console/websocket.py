@@ -190,21 +190,24 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         )
         if offset is None or restarted:
             offset = None
-        self._acked = history.start if offset is None else offset
+        self._acked = multiplexer.replay_start if offset is None else offset
         self._send_event(
             "hello",
             version=1,
             session=multiplexer.session,
             title=self.factory.settings.title,
             offset=self._acked,
-            historyStart=history.start,
+            historyStart=multiplexer.replay_start,
             historyEnd=history.end,
             clients=multiplexer.viewer_count + 1,
             readOnly=multiplexer.read_only or self.factory.read_only,
         )
         if restarted:
             self._send_event(
-                "gap", reason="restart", lost=None, **{"from": None, "to": history.start}
+                "gap",
+                reason="restart",
+                lost=None,
+                **{"from": None, "to": multiplexer.replay_start},
             )
         return offset
 

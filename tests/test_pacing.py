@@ -69,7 +69,7 @@ class PacingTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.multiplexer = Multiplexer(1000, clock=self.clock, max_stall=0.25)
+        self.multiplexer = Multiplexer(1000, clock=self.clock, max_stall=0.1)
         self.pty = ReadingPty()
         self.multiplexer.connect_pty(self.pty)
         self.multiplexer.startService()
@@ -99,9 +99,11 @@ class PacingTests(SynchronousTestCase):
 
     def test_held_then_released_without_loss(self) -> None:
         """
-        At no room the reading is held; when the viewer drains, reading resumes and the
-        viewer has lost nothing.
+        While one viewer keeps up and another is paused, reading goes on until the paused
+        one's next byte would leave the history, then is held; when it drains, reading
+        resumes and it has lost nothing.
         """
+        self.multiplexer.attach(Viewer())
         viewer = Viewer()
         slow = self.multiplexer.attach(viewer)
         slow.pause("transport")
@@ -115,6 +117,20 @@ class PacingTests(SynchronousTestCase):
         self.assertEqual(viewer.gaps, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_held_while_everyone_is_paused(self) -> None:
+        """
+        With every viewer paused nothing is read: output waits in the pty, to go out on
+        the shared path once someone can take it.
+        """
+        first, second = self.multiplexer.attach(Viewer()), self.multiplexer.attach(Viewer())
+        first.pause("transport")
+        self.assertEqual(self.multiplexer.read_budget(), 1000)
+        second.pause("acks")
+        self.assertEqual(self.multiplexer.read_budget(), 0)
+        first.resume("transport")
+        self.assertTrue(self.pty.reading)
+        self.assertEqual(self.multiplexer.read_budget(), 1000)
+
     def test_stalled_viewer_stops_pacing(self) -> None:
         """
         A viewer that makes no progress for max_stall no longer holds the guest: reading
@@ -123,14 +139,16 @@ class PacingTests(SynchronousTestCase):
         viewer = Viewer()
         stuck = self.multiplexer.attach(viewer)
         stuck.pause("transport")
-        self.read(1000)
         self.read(10)
         self.assertFalse(self.pty.reading)
         with capturedLogs() as events:
-            self.clock.advance(0.25)
+            self.clock.advance(0.05)
+            self.assertFalse(self.pty.reading)
+            self.clock.advance(0.05)
         self.assertTrue(self.pty.reading)
         self.assertFalse(stuck.paces)
-        self.assertEqual([e["stall"] for e in events if "stall" in e], [0.25])
+        self.assertEqual([e["stall"] for e in events if "stall" in e], [0.1])
+        self.read(1000)
         self.read(500)
         stuck.resume("transport")
         self.assertEqual(viewer.gaps, [(0, 500)])
@@ -138,6 +156,7 @@ class PacingTests(SynchronousTestCase):
 
     def test_detach_releases(self) -> None:
         """A viewer that leaves while holding the reading back releases it."""
+        self.multiplexer.attach(Viewer())
         held = self.multiplexer.attach(Viewer())
         held.pause("transport")
         self.read(1000)
@@ -199,3 +218,28 @@ class PtyDeviceBudgetTests(SynchronousTestCase):
         self.device.doRead()
         self.assertEqual(self.output, [])
         self.assertNotIn(self.device, self.reactor.getReaders())
+
+
+class LagWindowTests(SynchronousTestCase):
+    """The ring can be larger than the replayed history: slack for slow viewers."""
+
+    def test_replay_is_history_size(self) -> None:
+        """A new client gets exactly the last history_size bytes, not the whole ring."""
+        multiplexer = Multiplexer(100, lag_window=1000)
+        multiplexer.output_received(bytes(range(250)))
+        viewer = Viewer()
+        multiplexer.attach(viewer)
+        self.assertEqual(bytes(viewer.data), bytes(range(150, 250)))
+        self.assertEqual(multiplexer.replay(), bytes(range(150, 250)))
+        self.assertEqual(multiplexer.replay_start, 150)
+
+    def test_paused_viewer_catches_up_within_window(self) -> None:
+        """A viewer paused for more than the history but less than the window loses nothing."""
+        multiplexer = Multiplexer(100, lag_window=1000)
+        viewer = Viewer()
+        slow = multiplexer.attach(viewer)
+        slow.pause("transport")
+        multiplexer.output_received(b"k" * 900)
+        slow.resume("transport")
+        self.assertEqual(bytes(viewer.data), b"k" * 900)
+        self.assertEqual(viewer.gaps, [])
