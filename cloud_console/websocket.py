@@ -58,7 +58,7 @@ class ConsoleSettings:
     #: Which browser origins may open the WebSocket.
     origins: OriginPolicy = field(default_factory=OriginPolicy)
     #: Viewers at once; the next upgrade is refused with 503.
-    max_clients: int = 64
+    max_clients: int = 256
 
 
 @implementer(IPushProducer)
