@@ -147,9 +147,10 @@ class Attachment:
         return bool(self.pause_reasons)
 
     def pause(self, reason: str) -> None:
-        """Hold output back (C{reason}: "transport", "acks", ...) until L{resume}."""
-        if not self.pause_reasons:
-            pass
+        """
+        Hold output back (C{reason}: "transport", "acks", ...) until L{resume}. The pty
+        learns of it at its next read (L{Multiplexer.read_budget}).
+        """
         self.pause_reasons.add(reason)
 
     def resume(self, reason: str) -> None:
