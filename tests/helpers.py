@@ -8,10 +8,13 @@ over the wire rather than what the library under test believes it sent.
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import json
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import txaio
@@ -47,10 +50,16 @@ class Frame:
         return json.loads(self.payload)
 
 
-def encode_frame(opcode: int, payload: bytes, mask: bool = True, fin: bool = True) -> bytes:
-    """A client frame (masked unless told otherwise)."""
+def encode_frame(
+    opcode: int, payload: bytes, mask: bool = True, fin: bool = True, length: int | None = None
+) -> bytes:
+    """
+    A client frame, masked with a random key unless told otherwise (fast enough for
+    megabytes). C{length} overrides the declared payload length (to announce more than
+    is sent).
+    """
+    size = len(payload) if length is None else length
     head = bytes([(0x80 if fin else 0) | opcode])
-    size = len(payload)
     mask_bit = 0x80 if mask else 0
     if size < 126:
         head += bytes([mask_bit | size])
@@ -61,8 +70,57 @@ def encode_frame(opcode: int, payload: bytes, mask: bool = True, fin: bool = Tru
     if not mask:
         return head + payload
     key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    if not payload:
+        return head + key
+    keystream = (key * (len(payload) // 4 + 1))[: len(payload)]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(
+        len(payload), "big"
+    )
     return head + key + masked
+
+
+def write_self_signed(directory: Path) -> tuple[Path, Path, bytes]:
+    """
+    A fresh key and self-signed certificate for localhost and 127.0.0.1, written as PEM
+    files into C{directory}; returns the key's path, the certificate's path and its PEM.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(pem)
+    return key_path, cert_path, pem
 
 
 def decode_frames(data: bytes) -> tuple[list[Frame], bytes]:

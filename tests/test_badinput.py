@@ -31,6 +31,7 @@ from twisted.python import log
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import OP_BINARY, OP_CLOSE, OP_TEXT, Frame, decode_frames
+from tests.helpers import encode_frame as ws_frame
 from tests.test_integration import ROOT, Client, free_port
 
 OP_CONTINUATION = 0x0
@@ -326,33 +327,6 @@ async def connect_raw(port: int) -> RawClient:
     factory = protocol.Factory.forProtocol(RawClient)
     client: RawClient = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
     return client
-
-
-def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
-             length: int | None = None) -> bytes:
-    """
-    A client frame, masked with a random key (fast enough for megabytes). C{length}
-    overrides the declared payload length (to announce more than is sent).
-    """
-    size = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | opcode])
-    mask_bit = 0x80 if mask else 0
-    if size < 126:
-        head += bytes([mask_bit | size])
-    elif size < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    if not payload:
-        return head + key
-    keystream = (key * (len(payload) // 4 + 1))[: len(payload)]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(
-        len(payload), "big"
-    )
-    return head + key + masked
 
 
 def upgrade_request(path: str = "/ws", method: str = "GET", port: int = 8080,
