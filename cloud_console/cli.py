@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not [a for a in args if not a.startswith("--")]:
             args += ["127.0.0.1", "8080"]
+        if "--title" not in args:
+            args += ["--title", "cloud-console demo"]
         args.insert(0, start_demo_console(reactor))
     try:
         option_argv = positional_to_options(args)
