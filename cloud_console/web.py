@@ -40,6 +40,11 @@ CONTENT_TYPES = {
 }
 
 #: Text types worth compressing; fonts and images are compressed already.
+#: Seconds an HTTP connection may sit idle (or half-sent) before it is closed: the page
+#: loads in a moment, so a long wait only lets strangers hold descriptors. An upgraded
+#: WebSocket is not affected (its pings keep watch instead).
+HTTP_IDLE_TIMEOUT = 20
+
 COMPRESSIBLE = {".html", ".js", ".mjs", ".css", ".map", ".json", ".svg", ".txt"}
 
 SECURITY_HEADERS = {
@@ -217,7 +222,7 @@ def build_site(
     """
     factory = ConsoleServerFactory(multiplexer, settings)
     if not (password_file or token_file):
-        return ConsoleSite(build_tree(multiplexer, factory, static_dir)), factory
+        return ConsoleSite(build_tree(multiplexer, factory, static_dir), timeout=HTTP_IDLE_TIMEOUT), factory
 
     def tree_for(read_only: bool) -> resource.IResource:
         chosen = factory
@@ -226,4 +231,4 @@ def build_site(
         return build_tree(multiplexer, chosen, static_dir)
 
     gate = build_gate(tree_for, password_file, token_file, run_in_thread)
-    return ConsoleSite(gate), factory
+    return ConsoleSite(gate, timeout=HTTP_IDLE_TIMEOUT), factory

@@ -435,3 +435,39 @@ class PauseDuringHistoryTests(SiteTestCase):
         self.assertLess(len(first), 256_000)
         client.transport.producer.resumeProducing()
         self.assertEqual(first + client.output(), bytes(range(256)) * 1000)
+
+
+class KeepaliveTests(SiteTestCase):
+    """Automatic pings drop peers that stopped answering."""
+
+    def test_silent_peer_dropped(self) -> None:
+        """
+        After 30 s a ping goes out; a peer that has not answered 60 s later is dropped
+        and detached, while one that answers stays (well past the HTTP idle timeout,
+        which no longer applies once upgraded).
+        """
+        silent = self.client()
+        answering = self.client()
+        self.reactor.advance(30)
+        for client in (silent, answering):
+            pings = [f for f in client.frames() if f.opcode == 0x9]
+            self.assertEqual(len(pings), 1)
+        answering.send(0xA, pings[0].payload)  # the pong echoes the ping's payload
+        self.reactor.advance(60)
+        self.assertTrue(silent.transport.disconnecting)
+        self.assertFalse(answering.transport.disconnecting)
+        # The aborted connection ends; the console forgets it.
+        silent.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(silent.protocol.attachment)
+        self.assertIsNotNone(answering.protocol.attachment)
+
+    def test_idle_http_connection_closed(self) -> None:
+        """A connection that never finishes its request is closed after the idle timeout."""
+        from cloud_console.web import HTTP_IDLE_TIMEOUT
+
+        client = WebClient(self.site, 9)
+        client.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        self.reactor.advance(HTTP_IDLE_TIMEOUT - 1)
+        self.assertFalse(client.transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(client.transport.disconnecting)
