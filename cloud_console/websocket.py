@@ -377,7 +377,9 @@ class ConsoleServerFactory(WebSocketServerFactory):
             autoPingTimeout=60,
             # A half-open upgrade must not hold a slot forever.
             openHandshakeTimeout=10,
-            closeHandshakeTimeout=2,
+            # A peer closed as lagging first reads what is queued before the close frame
+            # (up to the client buffer plus the sockets' buffers): give it time to.
+            closeHandshakeTimeout=5,
             # A refused frame (too big, unmasked, bad UTF-8) gets a close frame with the
             # reason rather than a silently dropped connection.
             failByDrop=False,

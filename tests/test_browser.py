@@ -572,6 +572,7 @@ class BrowserTests(SynchronousTestCase):
         second.wait_for_text("typed in the first page")
         second.page.keyboard.type(" and in the second")
         first.wait_for_text("typed in the first page and in the second")
+        second.wait_for_text("typed in the first page and in the second")
         self.assertEqual(first.lines(), second.lines())
 
     def test_server_restart(self) -> None:

@@ -121,9 +121,13 @@ async def paced_write(guest: Guest, data: bytes, viewers: list[StreamViewer],
     while position < len(data):
         end = min(position + WINDOW, len(data))
         await guest.write(data[position:end])
-        await defer.gatherResults([v.wait_bytes(max(start, position - WINDOW)) for v in viewers])
+        # consumeErrors: when the viewers are closed (SIGTERM), every waiter fails, not
+        # only the first; the others must not be left as unhandled errors.
+        await defer.gatherResults(
+            [v.wait_bytes(max(start, position - WINDOW)) for v in viewers], consumeErrors=True
+        )
         position = end
-    await defer.gatherResults([v.wait_bytes(len(data)) for v in viewers])
+    await defer.gatherResults([v.wait_bytes(len(data)) for v in viewers], consumeErrors=True)
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
