@@ -101,6 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=180, help="bound on any one phase, s")
     p.add_argument("--json", help="write every result as JSON to this file")
     a = p.parse_args(argv)
+    # Servers run from another directory: a relative interpreter path must not break.
+    if os.sep in a.server_python:
+        a.server_python = os.path.abspath(a.server_python)
     a.mb = a.mb or (8 if a.quick else 64)
     a.samples = a.samples or (300 if a.quick else 2000)
     a.warmup = a.warmup or (50 if a.quick else 200)
