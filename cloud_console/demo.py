@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import fdesc, main
+from twisted.internet import fdesc
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger

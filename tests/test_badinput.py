@@ -359,6 +359,29 @@ def tls_client_hello() -> bytes:
     return hello
 
 
+async def start_console(test: TestCase, *args: str, log_file: str | None = None) -> Server:
+    """
+    A guest (a real pty) and a cloud-console process serving it on a free port, killed at
+    the test's end; sets C{test.guest} and C{test.port}, returns once it listens.
+    """
+    test.guest = Guest()  # type: ignore[attr-defined]
+    test.addCleanup(test.guest.close)  # type: ignore[attr-defined]
+    test.port = free_port()  # type: ignore[attr-defined]
+    positional = [test.guest.path, "127.0.0.1", str(test.port)]  # type: ignore[attr-defined]
+    if log_file is not None:
+        positional.append(log_file)
+    server = spawn_server([*positional, *args])
+
+    async def kill() -> None:
+        if server.status is None:
+            server.signal("KILL")
+            await server.ended
+
+    test.addCleanup(kill)
+    await server.listening
+    return server
+
+
 # -- the tests ----------------------------------------------------------------------------
 
 
@@ -372,25 +395,12 @@ class ServerUnderTest(TestCase):
     extra_args: list[str] = []
 
     async def start(self, *extra: str, log_file: str | None = None) -> None:
-        self.guest = Guest()
-        self.addCleanup(self.guest.close)
-        self.port = free_port()
-        args = [self.guest.path, "127.0.0.1", str(self.port)]
-        if log_file is not None:
-            args.append(log_file)
-        self.server = spawn_server([*args, *self.extra_args, *extra])
-        self.addCleanup(self.kill_server)
-        await self.server.listening
+        self.server = await start_console(self, *self.extra_args, *extra, log_file=log_file)
         self.guest.start_reading()
         self.viewer = await connect_viewer(self.port)
         self.addCleanup(self.viewer.transport.abortConnection)  # type: ignore[union-attr]
         self.live_count = 0
         self.sent_input = bytearray()
-
-    async def kill_server(self) -> None:
-        if self.server.status is None:
-            self.server.signal("KILL")
-            await self.server.ended
 
     async def assert_alive(self) -> None:
         """

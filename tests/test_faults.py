@@ -35,11 +35,10 @@ from tests.test_badinput import (
     RawClient,
     Server,
     connect_raw,
-    spawn_server,
+    start_console,
     upgrade_request,
     ws_frame,
 )
-from tests.test_integration import free_port
 
 MiB = 1024 * 1024
 
@@ -145,21 +144,7 @@ class FaultTests(TestCase):
     timeout = 60
 
     async def start(self, *extra: str, log_file: str | None = None) -> Server:
-        self.guest = Guest()
-        self.addCleanup(self.guest.close)
-        self.port = free_port()
-        args = [self.guest.path, "127.0.0.1", str(self.port)]
-        if log_file is not None:
-            args.append(log_file)
-        server = spawn_server([*args, *extra])
-        self.addCleanup(self.kill, server)
-        await server.listening
-        return server
-
-    async def kill(self, server: Server) -> None:
-        if server.status is None:
-            server.signal("KILL")
-            await server.ended
+        return await start_console(self, *extra, log_file=log_file)
 
     async def viewers(self, count: int) -> list[StreamViewer]:
         viewers = [await connect_stream_viewer(self.port) for _ in range(count)]

@@ -9,7 +9,6 @@ never a sleep; the class timeout is only a safety net.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from pathlib import Path

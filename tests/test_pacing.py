@@ -7,7 +7,6 @@ max_stall seconds stops holding the guest up.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
