@@ -158,10 +158,12 @@ def handshake(
     origin: str | None = None,
     host: str = "127.0.0.1:8080",
     extra: dict[str, str] | None = None,
+    method: str = "GET",
+    extra_lines: list[str] | None = None,
 ) -> bytes:
-    """The bytes of a client's upgrade request."""
+    """The bytes of a client's upgrade request (C{extra_lines}: raw header lines)."""
     lines = [
-        f"GET {path} HTTP/1.1",
+        f"{method} {path} HTTP/1.1",
         f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
@@ -174,7 +176,8 @@ def handshake(
         lines.append(f"Origin: {origin}")
     for name, value in (extra or {}).items():
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    lines.extend(extra_lines or [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class FakePty:

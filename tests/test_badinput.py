@@ -17,7 +17,6 @@ C{test.log} as C{bad input: ...} lines.
 
 from __future__ import annotations
 
-import base64
 import os
 import ssl
 import struct
@@ -30,7 +29,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import OP_BINARY, OP_CLOSE, OP_TEXT, Frame, decode_frames
+from tests.helpers import OP_BINARY, OP_CLOSE, OP_TEXT, Frame, decode_frames, handshake
 from tests.helpers import encode_frame as ws_frame
 from tests.test_integration import ROOT, Client, free_port
 
@@ -331,16 +330,8 @@ async def connect_raw(port: int) -> RawClient:
 
 def upgrade_request(path: str = "/ws", method: str = "GET", port: int = 8080,
                     extra: list[str] | None = None) -> bytes:
-    lines = [
-        f"{method} {path} HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
-        "Sec-WebSocket-Version: 13",
-        *(extra or []),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    """An upgrade request to the server on C{port}, with raw extra header lines."""
+    return handshake(path=path, method=method, host=f"127.0.0.1:{port}", extra_lines=extra)
 
 
 def tls_client_hello() -> bytes:
