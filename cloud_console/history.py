@@ -1,5 +1,6 @@
 """
-The console's history: a byte ring buffer addressed by absolute offsets.
+The console's history: the first bytes of the current boot and a ring of the last ones,
+addressed by absolute offsets.
 
 Every byte the guest writes gets an offset, counted from 0 at start-up. The ring keeps the
 last C{capacity} of them. Clients remember a cursor (an offset) instead of holding their
@@ -7,21 +8,34 @@ own copies, so the ring is the only queue: a slow client costs an integer, and a
 that asks for an offset that has already been overwritten learns exactly how many bytes it
 lost.
 
+Operators debugging a failed boot need its I{first} screens (firmware, kernel, init),
+which a ring of the last output has long overwritten. So the history also keeps the
+I{head}: the first C{head_size} bytes since L{History.begin_boot}. The held bytes are then
+two runs, the head and the ring, with the bytes between them not kept.
+
+Memory follows what was written, not the caps: the ring's buffer grows (by doubling) until
+it is full, and the head is copied out of the ring only when the ring is about to
+overwrite it, so a console that printed 20 kB holds 20 kB.
+
 No Twisted here: this module is pure logic, tested against a plain C{bytes} model.
 """
 
 from __future__ import annotations
 
+#: The ring's first allocation; it doubles from there up to its capacity.
+INITIAL_ALLOCATION = 4096
+
 
 class OffsetTooOld(LookupError):
     """
-    The requested offset has already been overwritten.
+    The requested offset is not held (overwritten, or between the head and the ring).
 
-    @ivar lost: how many bytes between the requested offset and the oldest byte held.
+    @ivar start: the next offset that is held.
+    @ivar lost: how many bytes between the requested offset and that one.
     """
 
     def __init__(self, offset: int, start: int) -> None:
-        super().__init__(f"offset {offset} is older than the history start {start}")
+        super().__init__(f"offset {offset} is not held; the next byte held is at {start}")
         self.offset = offset
         self.start = start
         self.lost = start - offset
@@ -29,19 +43,26 @@ class OffsetTooOld(LookupError):
 
 class History:
     """
-    The last C{capacity} bytes of output, with absolute offsets.
+    The head of the current boot and the last C{capacity} bytes of output.
 
     Unlike a zero-filled fixed buffer, the history never yields a byte the guest did not
     write: before the ring fills, only the written part is returned.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, head_size: int = 0) -> None:
         if capacity <= 0:
             raise ValueError(f"history capacity must be positive, not {capacity}")
+        if head_size < 0:
+            raise ValueError(f"head size must be 0 or more, not {head_size}")
         self.capacity = capacity
-        self._ring = bytearray(capacity)
+        self.head_size = head_size
+        self._ring = bytearray(min(capacity, INITIAL_ALLOCATION))
         self._view = memoryview(self._ring)
         self._end = 0
+        #: Offset of the current boot's first byte.
+        self.head_start = 0
+        #: Head bytes copied out of the ring: [head_start, head_start + len(_head)).
+        self._head = bytearray()
 
     @property
     def end(self) -> int:
@@ -50,24 +71,68 @@ class History:
 
     @property
     def start(self) -> int:
-        """Offset of the oldest byte still held."""
+        """Offset of the oldest byte still in the ring."""
         return max(0, self._end - self.capacity)
 
+    @property
+    def head_end(self) -> int:
+        """Offset one past the head's last byte (C{head_start} when there is no head)."""
+        return min(self.head_start + self.head_size, self._end)
+
+    @property
+    def skipped(self) -> tuple[int, int] | None:
+        """The bytes [from, to) between the head and the ring, if any were not kept."""
+        head_end, start = self.head_end, self.start
+        if head_end > self.head_start and head_end < start:
+            return head_end, start
+        return None
+
     def __len__(self) -> int:
-        """How many bytes are held (never more than C{capacity})."""
+        """How many bytes the ring holds (never more than C{capacity})."""
         return self._end - self.start
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of memory the history's buffers take."""
+        return len(self._ring) + len(self._head)
+
+    def begin_boot(self) -> None:
+        """
+        The console was (re)opened: what comes next is a new boot, whose first bytes are
+        the head from now on. The previous boot's head is let go (the log file has it).
+        """
+        self.head_start = self._end
+        self._head = bytearray()
+
+    def holds(self, offset: int) -> bool:
+        """Whether the byte at C{offset} is held (in the head or the ring)."""
+        if self.start <= offset < self._end:
+            return True
+        return self.head_start <= offset < self.head_end
+
+    def next_held(self, offset: int) -> int:
+        """The first offset at or after C{offset} that is held (C{end} if none is)."""
+        if offset >= self._end or self.holds(offset):
+            return offset
+        following = self.start
+        if offset < self.head_start < self.head_end:
+            following = min(following, self.head_start)
+        return following
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """
         Add output at the end, overwriting the oldest bytes once the ring is full.
 
-        A write larger than the ring keeps only its last C{capacity} bytes.
+        A write larger than the ring keeps only its last C{capacity} bytes (and, for the
+        head, whatever of its front the head still wants).
         """
         size = len(data)
         if size == 0:
             return
         capacity = self.capacity
         src = memoryview(data)
+        self._keep_head(src)
+        self._make_room(self._end + size)
         if size >= capacity:
             src = src[size - capacity :]
             self._end += size - capacity
@@ -79,21 +144,65 @@ class History:
             self._view[: size - first] = src[first:]
         self._end += size
 
+    def _make_room(self, new_end: int) -> None:
+        """
+        Grow the ring's buffer to hold offsets up to C{new_end}, by copying, so views
+        already handed out stay valid. Only needed before the ring first fills, while
+        offsets are still positions in it.
+        """
+        allocated = len(self._ring)
+        if allocated >= self.capacity or new_end <= allocated:
+            return
+        size = allocated
+        while size < new_end:
+            size *= 2
+        ring = bytearray(min(size, self.capacity))
+        ring[: self._end] = self._view[: self._end]
+        self._ring = ring
+        self._view = memoryview(ring)
+
+    def _keep_head(self, src: memoryview) -> None:
+        """
+        Copy the head's bytes that this append pushes out of the ring (from the ring,
+        or from C{src} for a write larger than the ring) before they are gone.
+        """
+        limit = self.head_start + self.head_size
+        copied_to = self.head_start + len(self._head)
+        new_end = self._end + len(src)
+        leaving = min(limit, new_end - self.capacity)
+        if copied_to >= leaving:
+            return
+        end = self._end
+        if copied_to < end:
+            self._head += b"".join(self.slices_from(copied_to, min(leaving, end) - copied_to))
+            copied_to = min(leaving, end)
+        if copied_to < leaving:
+            self._head += src[copied_to - end : leaving - end]
+
     def slices_from(self, offset: int, limit: int | None = None) -> list[memoryview]:
         """
-        The bytes from C{offset} to the end (at most C{limit} of them), oldest first.
+        The held bytes from C{offset} on (at most C{limit} of them), oldest first, as
+        far as they run without a break: from the head, up to its end or the ring; from
+        the ring, to the end.
 
-        Returns one or two read-only views into the ring, no copies: callers must use or
-        copy them before the next L{append}.
+        Ring bytes come as one or two read-only views into the ring, no copies: callers
+        must use or copy them before the next L{append}.
 
-        @raise OffsetTooOld: C{offset} has already been overwritten.
+        @raise OffsetTooOld: C{offset} is not held.
         @raise ValueError: C{offset} is in the future.
         """
         start, end = self.start, self._end
-        if offset < start:
-            raise OffsetTooOld(offset, start)
         if offset > end:
             raise ValueError(f"offset {offset} is past the end of the history {end}")
+        if offset < start:
+            copied_to = self.head_start + len(self._head)
+            if not self.head_start <= offset < copied_to:
+                raise OffsetTooOld(offset, self.next_held(offset))
+            stop = copied_to if limit is None else min(copied_to, offset + limit)
+            if stop == offset:
+                return []
+            at = offset - self.head_start
+            return [memoryview(bytes(self._head[at : at + stop - offset]))]
         size = end - offset
         if limit is not None:
             size = min(size, limit)
@@ -112,5 +221,18 @@ class History:
         return b"".join(self.slices_from(offset, limit))
 
     def contents(self) -> bytes:
-        """Everything held, oldest first."""
+        """Everything the ring holds, oldest first."""
         return self.read_from(self.start)
+
+    def head(self) -> bytes:
+        """The current boot's head, as far as it is held."""
+        head_start, head_end = self.head_start, self.head_end
+        pieces: list[bytes] = []
+        offset = head_start
+        while offset < head_end:
+            data = self.read_from(offset, head_end - offset)
+            if not data:
+                break
+            pieces.append(data)
+            offset += len(data)
+        return b"".join(pieces)

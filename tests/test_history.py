@@ -316,3 +316,99 @@ class ModelTests(SynchronousTestCase):
             self.assertEqual(history.end, end + len(data))
             self.assertGreaterEqual(history.start, start)
             self.assertLessEqual(history.start, history.end)
+
+
+def _held_model(capacity: int, head_size: int, boot: int, end: int) -> set[int]:
+    """The offsets a history should hold: its ring, and the head of the current boot."""
+    held = set(range(max(0, end - capacity), end))
+    held.update(range(boot, min(boot + head_size, end)))
+    return held
+
+
+# A step is a write, or (None) the console being reopened: a new boot starts.
+steps = st.lists(st.one_of(st.binary(min_size=0, max_size=120), st.none()), max_size=30)
+
+
+class HeadTests(SynchronousTestCase):
+    """The head: the first bytes of the current boot, kept after the ring moved on."""
+
+    def test_head_kept_after_ring_moved_on(self) -> None:
+        """The first bytes stay readable once the ring overwrote them; the middle is skipped."""
+        history = History(4, head_size=3)
+        history.append(b"abcdefghij")
+        self.assertEqual(history.head(), b"abc")
+        self.assertEqual(history.read_from(0), b"abc")
+        self.assertEqual(history.skipped, (3, 6))
+        self.assertEqual(history.contents(), b"ghij")
+        error = self.assertRaises(OffsetTooOld, history.read_from, 4)
+        self.assertEqual((error.start, error.lost), (6, 2))
+
+    def test_no_skip_while_head_and_ring_meet(self) -> None:
+        """Before the ring has moved past the head, nothing is skipped and one copy is held."""
+        history = History(8, head_size=4)
+        history.append(b"abcdef")
+        self.assertIsNone(history.skipped)
+        self.assertEqual(history.head(), b"abcd")
+        self.assertEqual(history.allocated, 8)
+
+    def test_begin_boot_starts_a_new_head(self) -> None:
+        """After a reopen the head is the new boot's first bytes; the old head is let go."""
+        history = History(4, head_size=2)
+        history.append(b"first boot output")
+        history.begin_boot()
+        history.append(b"NEW-BOOT")
+        self.assertEqual(history.head_start, 17)
+        self.assertEqual(history.head(), b"NE")
+        self.assertFalse(history.holds(0))
+        self.assertEqual(history.next_held(0), 17)
+
+    def test_memory_follows_what_was_written(self) -> None:
+        """A console that wrote little holds little, whatever the caps."""
+        history = History(1024 * 1024, head_size=256 * 1024)
+        history.append(b"x" * 20_000)
+        self.assertLess(history.allocated, 40_000)
+        self.assertEqual(History(1024 * 1024).allocated, 4096)
+
+    @given(
+        capacity=capacities,
+        head_size=st.integers(min_value=0, max_value=50),
+        script=steps,
+    )
+    def test_matches_model(self, capacity: int, head_size: int, script: list[bytes | None]) -> None:
+        """
+        Whatever is written and however often the console reopens: exactly the ring and
+        the current boot's head are held, every held byte reads back as written (runs
+        stop only where a held run stops), and the next held offset is the model's.
+        """
+        history = History(capacity, head_size=head_size)
+        model = b""
+        boot = 0
+        for data in script:
+            if data is None:
+                history.begin_boot()
+                boot = len(model)
+            else:
+                history.append(data)
+                model += data
+        end = len(model)
+        held = _held_model(capacity, head_size, boot, end)
+        self.assertEqual(history.end, end)
+        for offset in range(end):
+            self.assertEqual(history.holds(offset), offset in held, offset)
+            if offset in held:
+                run = offset
+                while run in held:
+                    run += 1
+                got = b""
+                while offset + len(got) < run:
+                    piece = history.read_from(offset + len(got))
+                    self.assertTrue(piece)
+                    got += piece
+                self.assertEqual(got, model[offset:run])
+            else:
+                following = min([o for o in held if o > offset], default=end)
+                self.assertEqual(history.next_held(offset), following)
+                error = self.assertRaises(OffsetTooOld, history.read_from, offset)
+                self.assertEqual(error.start, following)
+        self.assertEqual(history.head(), model[boot : boot + head_size])
+        self.assertLessEqual(history.allocated, max(capacity, 4096) + head_size)
