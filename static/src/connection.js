@@ -1,7 +1,7 @@
 // One console session carried over a succession of WebSockets.
 
 import {
-  ACK_EVERY, CLOSE_CONSOLE_CLOSED, CLOSE_LAGGING, SUBPROTOCOL,
+  ACK_EVERY, CLOSE_CONSOLE_CLOSED, CLOSE_LAGGING, CONSOLE_CONFIRM_MS, SUBPROTOCOL,
   ackMessage, backoffDelay, decodeOutput, socketUrl,
 } from './protocol.js';
 
@@ -13,9 +13,14 @@ import {
  * The screen is the sink: sink.write(bytes, done) queues bytes and calls done
  * once they are rendered; sink.reset() queues a full reset behind them.
  *
+ * The screen may also be handed sink.skip(count, done): a line saying that
+ * `count` bytes (between the head the server keeps and its tail) are not shown.
+ *
  * The listener hears: state({phase, retryAt, closedReason}) with phase one of
  * 'connecting', 'connected', 'waiting', 'closed'; hello(message);
- * gap({reason, from, to, lost}); clients(count); inputDiscarded(bytes).
+ * gap({reason, from, to, lost}); skip({from, to, bytes}); clients(count);
+ * inputDiscarded({bytes, reason}); console(now, before), each {state, reason,
+ * since} with state 'up' or 'down' (the VM's console, behind a connected socket).
  */
 export class ConsoleConnection {
   constructor(pageHref, sink, listener) {
@@ -39,6 +44,15 @@ export class ConsoleConnection {
     this.retryAt = null;
     this.closedReason = null;
     this.readOnly = false;
+    this.skips = 0;          // skip lines printed
+    this.lastSkip = null;
+    this.lastDiscard = null; // last input-discarded: {bytes, reason}
+    // The VM's console as the server last said; 'up' until told otherwise (older
+    // servers never say). Across a reconnect a 'down' is kept until the new socket
+    // shows otherwise: the server repeats it right after hello if still true.
+    this.console = { state: 'up', reason: null, since: null };
+    this.consoleUnconfirmed = false;
+    this.consoleTimer = null;
   }
 
   /** Open a socket now, resuming after the last byte received. */
@@ -93,15 +107,84 @@ export class ConsoleConnection {
     }
     switch (message.type) {
       case 'hello': this.onHello(message); break;
-      case 'gap': this.discontinuity(message.reason, message.from, message.to, message.lost); break;
+      case 'console': this.onConsole(message); break;
+      case 'gap':
+        this.confirmConsoleUp();
+        this.discontinuity(message.reason, message.from, message.to, message.lost);
+        break;
+      case 'skip':
+        this.confirmConsoleUp();
+        this.onSkip(message);
+        break;
       case 'clients': this.listener.clients(message.count); break;
       case 'closed':
         this.closedReason = bareReason(message.reason);
         this.emitState('closed');
         break;
-      case 'input-discarded': this.listener.inputDiscarded(message.bytes); break;
+      case 'input-discarded':
+        this.lastDiscard = {
+          bytes: Number.isSafeInteger(message.bytes) ? message.bytes : null,
+          // Servers from before the reason existed discarded input only when read-only.
+          reason: typeof message.reason === 'string' && message.reason ? message.reason : 'read-only',
+        };
+        this.listener.inputDiscarded(this.lastDiscard);
+        break;
       default: break; // newer servers may say more
     }
+  }
+
+  /** The VM's console went down (the server retries it) or came back. */
+  onConsole(message) {
+    if (message.state !== 'up' && message.state !== 'down') return;
+    this.setConsole({
+      state: message.state,
+      reason: typeof message.reason === 'string' ? message.reason : null,
+      since: typeof message.since === 'string' ? message.since : null,
+    });
+  }
+
+  setConsole(now) {
+    clearTimeout(this.consoleTimer);
+    this.consoleTimer = null;
+    this.consoleUnconfirmed = false;
+    const before = this.console;
+    this.console = now;
+    this.listener.console(now, before);
+  }
+
+  /**
+   * After a reconnect with the console down, the first message that is not a
+   * console one says it is up again (the server sends 'down' right after hello).
+   */
+  confirmConsoleUp() {
+    if (this.consoleUnconfirmed) this.setConsole({ state: 'up', reason: null, since: null });
+  }
+
+  /**
+   * Bytes [from, to) are not kept by the server (between this boot's head and
+   * tail): one line on screen says so, and the stream goes on at `to`. A resume
+   * may repeat a skip already passed: shown once.
+   */
+  onSkip(message) {
+    const { from, to } = message;
+    if (!Number.isSafeInteger(to)) return;
+    if (this.next === null) this.next = Number.isSafeInteger(from) ? from : to;
+    if (to <= this.next) return;
+    const count = to - this.next;
+    const skip = {
+      from: Number.isSafeInteger(from) ? from : null,
+      to,
+      bytes: Number.isSafeInteger(message.bytes) ? message.bytes : count,
+    };
+    this.skips += 1;
+    this.lastSkip = skip;
+    this.next = to;
+    this.freshReset = false;
+    this.pending += 1;
+    const generation = this.generation;
+    // Acknowledged like output: the server owes nothing before `to` any more.
+    this.sink.skip(count, () => this.onRendered(to, generation));
+    this.listener.skip(skip);
   }
 
   onHello(message) {
@@ -111,6 +194,15 @@ export class ConsoleConnection {
     this.closedReason = null;
     this.readOnly = Boolean(message.readOnly);
     this.acked = message.offset;
+    if (this.console.state === 'down') {
+      // Still down unless the next message says otherwise (or none comes soon).
+      this.consoleUnconfirmed = true;
+      clearTimeout(this.consoleTimer);
+      const generation = this.generation;
+      this.consoleTimer = setTimeout(() => {
+        if (generation === this.generation && this.connected) this.confirmConsoleUp();
+      }, CONSOLE_CONFIRM_MS);
+    }
     if (this.next === null) {
       this.next = message.offset;
     } else if (message.offset < this.next) {
@@ -142,6 +234,7 @@ export class ConsoleConnection {
   onOutput(buffer) {
     const output = decodeOutput(buffer);
     if (output === null) return;
+    this.confirmConsoleUp();
     let { offset, bytes } = output;
     const end = offset + bytes.length;
     if (this.next === null) this.next = offset;
@@ -174,6 +267,8 @@ export class ConsoleConnection {
   onClose(code, reason) {
     this.socket = null;
     this.connected = false;
+    clearTimeout(this.consoleTimer);
+    this.consoleTimer = null;
     let floor = 0;
     if (code === CLOSE_CONSOLE_CLOSED) {
       // The VM has gone; it may come back, but no need to knock often.

@@ -4,6 +4,7 @@ import './app.css';
 import { ConsoleConnection } from './connection.js';
 import { StatusBar } from './statusbar.js';
 import { createTerminal, fontReady, terminalSink } from './terminal.js';
+import { formatBytes } from './protocol.js';
 
 const encoder = new TextEncoder();
 
@@ -51,7 +52,17 @@ async function main() {
       clients = count;
       status.setClients(count);
     },
-    inputDiscarded: (bytes) => status.setNotice(`read-only: ${bytes} bytes of input discarded`),
+    skip: () => {}, // the line on screen says it
+    console: (now, before) => {
+      status.setConsole(now);
+      if (now.state === 'up' && before.state === 'down') {
+        status.setNotice(now.reason ? `console back: ${now.reason}` : 'console back');
+      }
+    },
+    // bytes: the total refused on this connection so far.
+    inputDiscarded: ({ bytes, reason }) => status.setNotice(
+      `input not sent (${reason})${bytes === null ? '' : `: ${formatBytes(bytes)}`}`,
+    ),
   });
 
   const send = (bytes) => {
@@ -79,6 +90,10 @@ async function main() {
       pending: connection.pending,
       gaps: connection.gaps,
       lastGap: connection.lastGap,
+      skips: connection.skips,
+      lastSkip: connection.lastSkip,
+      console: { ...connection.console },
+      lastDiscard: connection.lastDiscard,
       lastStatus: status.lastStatus,
       lastNotice: status.lastNotice,
       closedReason: connection.closedReason,

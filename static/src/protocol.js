@@ -9,6 +9,12 @@ export const ACK_EVERY = 64 * 1024;
 /** Longest wait between reconnection attempts, in milliseconds. */
 export const MAX_BACKOFF_MS = 10_000;
 
+/**
+ * After a reconnect with the VM's console down, how long to keep showing it down
+ * when nothing follows hello (the server repeats 'down' right after hello).
+ */
+export const CONSOLE_CONFIRM_MS = 2000;
+
 /** Close codes the server uses. */
 export const CLOSE_LAGGING = 4000;
 export const CLOSE_CONSOLE_CLOSED = 4001;
@@ -61,4 +67,25 @@ export function ackMessage(offset) {
 export function backoffDelay(attempt, floor = 0, random = Math.random) {
   const base = Math.max(floor, Math.min(MAX_BACKOFF_MS, 500 * 2 ** attempt));
   return Math.round(base * (0.5 + 0.5 * random()));
+}
+
+const NUMBER = new Intl.NumberFormat('en-US');
+
+/** 1234567 -> "1,234,567" (the same in every locale). */
+export function formatCount(count) {
+  return NUMBER.format(count);
+}
+
+/** "1 byte", "1,024 bytes". */
+export function formatBytes(count) {
+  return `${formatCount(count)} byte${count === 1 ? '' : 's'}`;
+}
+
+/**
+ * The line printed where the server left out the middle of a boot's output: on
+ * a line of its own, dim, attributes reset after. CAN first ends any escape
+ * sequence the head was cut in the middle of.
+ */
+export function skipLine(count) {
+  return `\x18\r\n\x1b[0;2m[... ${formatBytes(count)} not kept ...]\x1b[0m\r\n`;
 }

@@ -1,5 +1,5 @@
-// The slim bar above the terminal: connection state, notices, viewers,
-// read-only badge, terminal size and the buttons.
+// The slim bar above the terminal: connection state (and the VM's console
+// behind it), notices, viewers, read-only badge, terminal size and the buttons.
 
 const NOTICE_MS = 30_000;
 
@@ -8,6 +8,7 @@ export class StatusBar {
     const get = (id) => doc.getElementById(id);
     this.bar = get('bar');
     this.status = get('status');
+    this.since = get('since');
     this.notice = get('notice');
     this.viewers = get('viewers');
     this.readOnly = get('readonly');
@@ -15,6 +16,8 @@ export class StatusBar {
     this.sttyButton = get('stty');
     this.downloadButton = get('download');
     this.state = { phase: 'connecting', retryAt: null, closedReason: null };
+    this.console = { state: 'up', reason: null, since: null };
+    this.consoleDownAt = null; // ms since the epoch, for "down for 12 s"
     this.lastStatus = '';
     this.lastNotice = '';
     this.ticker = null;
@@ -25,28 +28,66 @@ export class StatusBar {
   /** Connection state from ConsoleConnection. */
   setState(state) {
     this.state = state;
-    clearInterval(this.ticker);
-    this.ticker = null;
-    if (state.retryAt !== null && state.phase !== 'connected' && state.phase !== 'connecting') {
-      this.ticker = setInterval(() => this.render(), 250);
+    this.tick();
+  }
+
+  /** The VM's console from ConsoleConnection: {state: 'up'|'down', reason, since}. */
+  setConsole(now) {
+    this.console = now;
+    if (now.state === 'down') {
+      const since = Date.parse(now.since ?? '');
+      // The server's clock may run ahead of ours: never "down for -3 s".
+      this.consoleDownAt = Number.isFinite(since) ? Math.min(since, Date.now()) : Date.now();
+    } else {
+      this.consoleDownAt = null;
+    }
+    this.tick();
+  }
+
+  /** Render now, and keep rendering while something on the bar counts. */
+  tick() {
+    const { phase, retryAt } = this.state;
+    const counting = (retryAt !== null && phase !== 'connected' && phase !== 'connecting')
+      || this.consoleDown();
+    if (counting && this.ticker === null) this.ticker = setInterval(() => this.render(), 250);
+    if (!counting && this.ticker !== null) {
+      clearInterval(this.ticker);
+      this.ticker = null;
     }
     this.render();
+  }
+
+  /** The socket is up but the console behind it is not. */
+  consoleDown() {
+    return this.state.phase === 'connected' && this.console.state === 'down';
   }
 
   render() {
     const { phase, retryAt, closedReason } = this.state;
     const countdown = retryAt === null ? '' : `${Math.max(0, Math.ceil((retryAt - Date.now()) / 1000))} s`;
+    const down = this.consoleDown();
     let text;
-    if (phase === 'connected') text = 'connected';
+    let title = null;
+    if (down) {
+      const reason = this.console.reason || 'no reason given';
+      text = `console down: ${reason} · waiting for it to come back`;
+      title = `The VM's console went away (${reason})${this.console.since ? ` at ${this.console.since}` : ''}; `
+        + 'the server is retrying it and the output goes on here when it is back';
+    } else if (phase === 'connected') text = 'connected';
     else if (phase === 'connecting') text = closedReason === null ? 'connecting…' : `console closed: ${closedReason} · connecting…`;
     else if (phase === 'closed') text = `console closed: ${closedReason}${countdown ? ` · retrying in ${countdown}` : ''}`;
     else text = `reconnecting in ${countdown}`;
-    this.bar.dataset.phase = phase === 'connecting' && closedReason !== null ? 'closed' : phase;
+    let shown = phase === 'connecting' && closedReason !== null ? 'closed' : phase;
+    if (down) shown = 'console-down';
+    if (this.bar.dataset.phase !== shown) this.bar.dataset.phase = shown;
     if (text !== this.lastStatus) {
       this.status.textContent = text;
-      this.status.title = text;
+      this.status.title = title ?? text;
       this.lastStatus = text;
     }
+    const elapsed = down && this.consoleDownAt !== null ? `for ${formatDuration(Date.now() - this.consoleDownAt)}` : '';
+    if (this.since.textContent !== elapsed) this.since.textContent = elapsed;
+    this.since.hidden = !elapsed;
   }
 
   /** A passing event worth reading (gaps, dropped input); fades after a while. */
@@ -80,4 +121,15 @@ export class StatusBar {
   onDownload(handler) {
     this.downloadButton.addEventListener('click', handler);
   }
+}
+
+/** 12_000 -> "12 s", 150_000 -> "2 min", 3_900_000 -> "1 h 5 min", 3 days -> "3 d". */
+export function formatDuration(ms) {
+  const seconds = Math.max(0, Math.floor(ms / 1000));
+  if (seconds < 60) return `${seconds} s`;
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) return `${minutes} min`;
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return minutes % 60 ? `${hours} h ${minutes % 60} min` : `${hours} h`;
+  return `${Math.floor(hours / 24)} d`;
 }

@@ -3,6 +3,7 @@
 
 import { Terminal } from '@xterm/xterm';
 import { FitAddon } from '@xterm/addon-fit';
+import { skipLine } from './protocol.js';
 
 export const FONT_FAMILY = '"JetBrains Mono Variable", "DejaVu Sans Mono", monospace';
 const FONT_SIZE = 14;
@@ -119,11 +120,15 @@ function copySelection(term) {
   }
 }
 
-/** The connection's view of the screen: ordered writes and resets. */
+/** The connection's view of the screen: ordered writes, skip lines and resets. */
 export function terminalSink(term) {
   return {
     write(bytes, done) {
       term.write(bytes, done);
+    },
+    skip(count, done) {
+      // In the same queue as the output around it; the screen is kept.
+      term.write(skipLine(count), done);
     },
     reset() {
       // Queued behind earlier output, so the old bytes never land on the new screen.
