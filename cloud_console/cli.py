@@ -1,6 +1,6 @@
 """
 The original's command line: C{cloud-console <path_to_pty> <bind_ip> <bind_port>
-[<log_file>]}.
+[<log_file>]} (C{path_to_pty} may be any console SOURCE).
 
 The positional form is rewritten as options and parsed by the plugin's
 L{cloud_console.tap.Options}, then built by the same
@@ -22,14 +22,17 @@ USAGE = """\
 usage: cloud-console <path_to_pty> <bind_ip> <bind_port> [<log_file>] [options]
        cloud-console --demo [<bind_ip> <bind_port>]
 
-  path_to_pty  the pty slave to serve, e.g. /dev/pts/7
+  path_to_pty  the pty slave to serve, e.g. /dev/pts/7, or any console SOURCE:
+               pty:PATH, unix:PATH, cloud-hypervisor:API_SOCKET,
+               qmp:QMP_SOCKET[:chardev=LABEL]
   bind_ip      the address to listen on (IPv4 or IPv6), e.g. 127.0.0.1 or ::1
   bind_port    the TCP port to listen on (1-65535)
   log_file     optional: append all console output to this file
   --demo       serve a local shell on a fresh pty (default 127.0.0.1 8080), to try
                cloud-console without a VM
 
-Options (as for `twistd cloudconsole`): --history-size N, --client-buffer N,
+Options (as for `twistd cloudconsole`): --reopen, --head-size N, --history-size N,
+--ping-interval S, --client-buffer N,
 --ack-window N, --static-dir DIR, --title T, --no-raw, --read-only, --port ENDPOINT
 (listen on more endpoints), --allow-origin ORIGIN, --max-clients N,
 --password-file F, --token-file F. `cloud-console --help` lists them all.
@@ -52,7 +55,8 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     options: list[str] = []
     takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
                    "--title", "--port", "--log-file", "--pty", "--allow-origin",
-                   "--max-clients", "--password-file", "--token-file", "--max-stall"}
+                   "--max-clients", "--password-file", "--token-file", "--max-stall",
+                   "--console", "--head-size", "--ping-interval"}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -79,7 +83,7 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise CommandLineError(f"invalid bind_port {port!r}: must be a number from 1 to 65535")
     endpoint = f"tcp:port={int(port)}:interface={quoteStringArgument(str(address))}"
-    rewritten = ["--pty", pty, "--port", endpoint]
+    rewritten = ["--console", pty, "--port", endpoint]
     if len(positional) == 4:
         rewritten += ["--log-file", positional[3]]
     return rewritten + options

@@ -1,16 +1,20 @@
 """
-The guest's console: one pty slave, opened once, read and written through the reactor.
+The guest's console device: a pty slave, or a unix socket the VMM listens on, opened once
+and read and written through the reactor.
 
-Only one process should have a console pty open: two readers would each get part of the
-guest's output. We open it once, read-write, non-blocking, without making it our
-controlling terminal, and (by default) put it in raw mode so the kernel's line
-discipline never echoes, translates or swallows a byte behind the guest's back.
+Only one process should hold a console: two readers would each get part of the guest's
+output. A pty is opened once, read-write, non-blocking, without making it our
+controlling terminal, and (by default) put in raw mode so the kernel's line discipline
+never echoes, translates or swallows a byte behind the guest's back. A socket is
+connected and used as it is. Both are one descriptor read until it has no more and
+written without blocking, so one L{ConsoleDevice} serves both.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import termios
 import tty
@@ -32,7 +36,7 @@ READ_SIZE = 64 * 1024
 READ_PER_TURN = 256 * 1024
 
 
-class PtyOpenError(Exception):
+class ConsoleOpenError(Exception):
     """The console could not be opened: a message an operator can act on."""
 
 
@@ -43,39 +47,58 @@ def open_tty(path: str, raw: bool) -> tuple[int, list[Any] | None]:
 
     @return: the descriptor and the terminal attributes to restore on close (C{None}
         when C{raw} is false and nothing was changed).
-    @raise PtyOpenError: the path does not exist, is not a terminal, or cannot be opened.
+    @raise ConsoleOpenError: the path does not exist, is not a terminal, or cannot be opened.
     """
     flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except OSError as e:
-        raise PtyOpenError(f"cannot open {path}: {e.strerror}") from e
+        raise ConsoleOpenError(f"cannot open {path}: {e.strerror}") from e
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISCHR(mode) or not os.isatty(fd):
-            raise PtyOpenError(f"{path} is not a terminal (pty) device")
+            raise ConsoleOpenError(f"{path} is not a terminal (pty) device")
         saved: list[Any] | None = None
         if raw:
             saved = termios.tcgetattr(fd)
             tty.setraw(fd, termios.TCSANOW)
-    except PtyOpenError:
+    except ConsoleOpenError:
         os.close(fd)
         raise
     except (OSError, termios.error) as e:
         os.close(fd)
-        raise PtyOpenError(f"cannot set up {path}: {e}") from e
+        raise ConsoleOpenError(f"cannot set up {path}: {e}") from e
     return fd, saved
 
 
-class PtyDevice(FileDescriptor):
+def connect_unix(path: str, timeout: float = 2.0) -> int:
     """
-    Reads the guest's output and writes its input on one pty descriptor.
+    Connect to the unix stream socket at C{path} (a VMM's serial console socket) and
+    return the connected descriptor, non-blocking and close-on-exec.
+
+    @raise ConsoleOpenError: nothing listens there, or it is not a socket.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        why = e.strerror or str(e)
+        raise ConsoleOpenError(f"cannot connect to unix socket {path}: {why}") from e
+    return sock.detach()
+
+
+class ConsoleDevice(FileDescriptor):
+    """
+    Reads the guest's output and writes its input on one descriptor (a pty or a
+    connected unix socket).
 
     One selectable for both directions: the epoll reactor keeps one object per
     descriptor, so a separate reader and writer on the same fd would steal each other's
-    events. Writes are buffered by L{FileDescriptor} and flushed as the guest reads; a
-    producer registered here (the multiplexer's input gate) is paused when that buffer
-    passes L{bufferSize}.
+    events. Writes are buffered by L{FileDescriptor} and flushed as the guest reads;
+    L{pending_input} says how much is waiting, so the multiplexer can bound it.
     """
 
     _log = Logger()
@@ -83,7 +106,7 @@ class PtyDevice(FileDescriptor):
     def __init__(
         self,
         fd: int,
-        path: str,
+        name: str,
         on_output: Callable[[bytes], None],
         on_lost: Callable[[str], None],
         saved_attributes: list[Any] | None = None,
@@ -92,12 +115,14 @@ class PtyDevice(FileDescriptor):
     ) -> None:
         FileDescriptor.__init__(self, reactor)
         self.fd = fd
-        self.path = path
+        #: What the device is, for messages: "pty /dev/pts/7", "unix socket /run/vm.sock".
+        self.name = name
         self._on_output = on_output
         self._on_lost = on_lost
         self._saved_attributes = saved_attributes
         self._closing_on_purpose = False
         self._read_budget = read_budget
+        self._pending_input = 0
         self.connected = 1
 
     @classmethod
@@ -109,15 +134,15 @@ class PtyDevice(FileDescriptor):
         on_lost: Callable[[str], None],
         reactor: IReactorFDSet | None = None,
         read_budget: Callable[[], int] | None = None,
-    ) -> PtyDevice:
+    ) -> ConsoleDevice:
         """
-        Open C{path} (see L{open_tty}); reading starts with L{startReading}.
+        Open the pty at C{path} (see L{open_tty}); reading starts with L{startReading}.
 
         @param read_budget: asked before each burst how many bytes may be read; at 0 the
             device stops reading until someone calls L{startReading} again.
         """
         fd, saved = open_tty(path, raw)
-        device = cls(fd, path, on_output, on_lost, saved, reactor, read_budget)
+        device = cls(fd, f"pty {path}", on_output, on_lost, saved, reactor, read_budget)
         cls._log.info("pty {path} opened (raw: {raw})", path=path, raw=raw)
         return device
 
@@ -177,8 +202,23 @@ class PtyDevice(FileDescriptor):
             self._on_output(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         return None
 
+    @property
+    def pending_input(self) -> int:
+        """Bytes given to L{write} that the guest has not taken yet."""
+        return self._pending_input
+
+    def write(self, data: bytes) -> None:
+        """Queue input for the guest (written as it reads; see L{pending_input})."""
+        if self.fd < 0 or not data:
+            return
+        self._pending_input += len(data)
+        FileDescriptor.write(self, data)
+
     def writeSomeData(self, data: bytes) -> Any:
-        return fdesc.writeToFD(self.fd, data)
+        written = fdesc.writeToFD(self.fd, data)
+        if isinstance(written, int) and written > 0:
+            self._pending_input -= written
+        return written
 
     def connectionLost(self, reason: Failure) -> None:
         """Restore the terminal, close the descriptor, and report why the console ended."""
@@ -192,11 +232,11 @@ class PtyDevice(FileDescriptor):
                     pass  # the other side is gone; nothing left to restore
             os.close(fd)
         if self._closing_on_purpose:
-            self._log.info("pty {path} closed", path=self.path)
+            self._log.info("{name} closed", name=self.name)
             return
         if reason.check(error.ConnectionDone):
-            why = f"pty {self.path} hung up"
+            why = f"{self.name} hung up"
         else:
-            why = f"pty {self.path} failed: {reason.getErrorMessage()}"
-        self._log.info("pty lost: {why}", why=why, path=self.path)
+            why = f"{self.name} failed: {reason.getErrorMessage()}"
+        self._log.info("console lost: {why}", why=why, name=self.name)
         self._on_lost(why)

@@ -6,6 +6,10 @@ for a log), reopened on SIGHUP so logrotate can move it away, and written direct
 one write(2) per chunk: regular files cannot join epoll, and the chunks are already
 coalesced per reactor turn. A write error (a full disk) is logged once and the console
 carries on; the bytes it missed stay in the history.
+
+When the console goes down and comes back (C{--reopen}), one timestamped marker line
+goes in the file for each, in conserver's style (C{[-- console down: ... -- TIME --]}):
+the file tells the whole story while the clients' byte stream stays the guest's alone.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class LogFileSink(Service):
         self._lost_while_failing = 0
         self.bytes_written = 0
         self.bytes_lost = 0
+        self._at_line_start = True
 
     def startService(self) -> None:
         Service.startService(self)
@@ -62,8 +67,15 @@ class LogFileSink(Service):
         self._log.info("logging console output to {path}", path=self.path)
 
     def stopService(self) -> None:
+        """
+        Stop logging and close the file; but when the multiplexer is stopping too, leave
+        the file open: the multiplexer closes it (L{close}) once the viewers are gone
+        and the console is closed, so what the guest says during the viewers' close
+        handshakes is logged too.
+        """
         Service.stopService(self)
-        self._close_file()
+        if not self.multiplexer.stopping:
+            self._close_file()
 
     def reopen(self) -> None:
         """
@@ -83,9 +95,14 @@ class LogFileSink(Service):
     # IConsoleClient
 
     def output(self, chunk: Chunk) -> None:
+        if self._write(chunk.data):
+            self._at_line_start = chunk.data.endswith(b"\n")
+
+    def _write(self, data: bytes) -> bool:
+        """Write all of C{data}; C{False} (logged once) if the file refused it."""
         if self._fd < 0:
-            return
-        view = memoryview(chunk.data)
+            return False
+        view = memoryview(data)
         while view:
             try:
                 written = os.write(self._fd, view)
@@ -102,7 +119,7 @@ class LogFileSink(Service):
                         path=self.path,
                         error=e.strerror,
                     )
-                return
+                return False
             self.bytes_written += written
             view = view[written:]
         if self._failing:
@@ -113,19 +130,27 @@ class LogFileSink(Service):
                 lost=self._lost_while_failing,
             )
             self._lost_while_failing = 0
+        return True
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
         # Never paused, so never behind; if it ever were, carry on with what is left.
         return True
 
+    def skip(self, skip_from: int, skip_to: int) -> None:
+        # Attached at the end, so it never replays the head.
+        pass
+
     def clients_changed(self, count: int) -> None:
         pass
 
-    def pause_input(self) -> None:
-        pass
-
-    def resume_input(self) -> None:
-        pass
+    def console_state(self, up: bool, reason: str, since: str) -> None:
+        """One marker line, on a line of its own, per console down and up."""
+        state = "up" if up else "down"
+        line = f"[-- console {state}: {reason} -- {since} --]\r\n".encode("utf-8", "replace")
+        if not self._at_line_start:
+            line = b"\r\n" + line
+        if self._write(line):
+            self._at_line_start = True
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         self._close_file()

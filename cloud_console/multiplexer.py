@@ -15,19 +15,27 @@ reading back stops pacing the guest (it then falls behind and learns of the gap)
 stuck browser delays the guest and the others by at most that, once; it paces again once
 it has caught up.
 
-Input from any client goes to the pty. When the guest stops reading its input, the pty's
-write buffer fills and the multiplexer pauses every client's I{input} (their transports
-stop reading), so keystrokes are neither buffered without bound nor dropped.
+Input from any client goes to the console. When the guest stops reading its input, what
+is typed waits in a bounded backlog (L{INPUT_BACKLOG}, the device's write buffer); a
+message that does not fit is refused whole and the client is told, so keystrokes are
+neither buffered without bound nor silently dropped, and no client's connection is ever
+paused for it (a viewer who never typed keeps receiving output, pings and acks).
+
+The console can go I{down} and come back (a reboot that makes a new pty, a VMM restart):
+the clients and the history stay, the clients hear of it, and the stream goes on at the
+next offset. Only L{Multiplexer.console_lost} ends it for good.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
+from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -38,6 +46,24 @@ from .history import History
 #: catching-up client costs few calls, small enough that the transport can pause it
 #: before it buffers much more than its limit.
 CATCH_UP_STEP = 64 * 1024
+
+#: Most input bytes held for a guest that is not reading its input, per console. A
+#: message is queued whole or refused whole, so a paste is never cut in the middle.
+INPUT_BACKLOG = 1024 * 1024
+
+#: Why input was refused (v1 clients are told, as C{input-discarded}'s C{reason}).
+REFUSED_READ_ONLY = "read-only"
+REFUSED_CONSOLE_DOWN = "console down"
+REFUSED_CONSOLE_CLOSED = "console closed"
+REFUSED_BACKLOG_FULL = "input backlog full"
+
+
+def skip_marker(skipped: int) -> bytes:
+    """
+    The line that stands for bytes not kept between the head and the tail, where the
+    stream has no other way to say so (the original protocol, the history download).
+    """
+    return f"\r\n[... {skipped:,} bytes not kept ...]\r\n".encode("ascii")
 
 
 class Chunk:
@@ -83,14 +109,21 @@ class IConsoleClient(Interface):
         closed (it is then detached).
         """
 
+    def skip(skip_from: int, skip_to: int) -> None:
+        """
+        The bytes in [skip_from, skip_to) between the boot's head and the recent output
+        are not sent (not kept, or not replayed); what follows starts at C{skip_to}. Not
+        a break in the screen: the client marks the place and carries on.
+        """
+
     def clients_changed(count: int) -> None:
         """The number of attached viewers changed."""
 
-    def pause_input() -> None:
-        """The pty is not taking input: stop reading input from the peer."""
-
-    def resume_input() -> None:
-        """The pty takes input again."""
+    def console_state(up: bool, reason: str, since: str) -> None:
+        """
+        The console went down (C{up} false: why) or came back (what was opened), at
+        C{since} (ISO 8601, UTC); the stream goes on at the next offset either way.
+        """
 
     def close(code: int, reason: str) -> Deferred[None]:
         """Close the client; the Deferred fires once it is gone."""
@@ -100,12 +133,13 @@ class ConsoleClosed(Exception):
     """The pty went away (the VM stopped)."""
 
 
-class _PtyWriter(Protocol):
-    """What the multiplexer needs of the pty: a buffered write and a producer slot."""
+class _ConsoleWriter(Protocol):
+    """What the multiplexer needs of the console device: a buffered write, reading."""
+
+    @property
+    def pending_input(self) -> int: ...
 
     def write(self, data: bytes) -> None: ...
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
 
     def startReading(self) -> None: ...
 
@@ -140,6 +174,10 @@ class Attachment:
         self.paces = viewer
         self.read_only = False
         self.input_discarded = 0
+        self._refused_for: str | None = None
+        #: Whether this client's stream began in the boot's head: reaching the head's
+        #: end it skips to the replayed tail, where another client would see a gap.
+        self.in_head = False
 
     @property
     def paused(self) -> bool:
@@ -160,45 +198,26 @@ class Attachment:
             self.multiplexer._catch_up(self)
             self.multiplexer._release_reading()
 
-    def send_input(self, data: bytes) -> None:
-        """Write what this client typed to the pty."""
-        self.multiplexer.input_received(self, data)
+    def send_input(self, data: bytes) -> str | None:
+        """Write what this client typed to the console; return why not, if refused."""
+        return self.multiplexer.input_received(self, data)
 
     def detach(self) -> None:
         """Stop sending to this client."""
         self.multiplexer.detach(self)
 
 
-@implementer(IPushProducer)
-class _InputGate:
-    """
-    Registered as the pty's producer: when the guest does not drain its input, the pty's
-    write buffer fills and every client stops being read, so input waits in the peers'
-    sockets (bounded by TCP) instead of in our memory.
-    """
-
-    def __init__(self, multiplexer: Multiplexer) -> None:
-        self.multiplexer = multiplexer
-
-    def pauseProducing(self) -> None:
-        self.multiplexer._set_input_paused(True)
-
-    def resumeProducing(self) -> None:
-        self.multiplexer._set_input_paused(False)
-
-    def stopProducing(self) -> None:
-        # The pty is closing; input is discarded from now on (see input_received).
-        pass
-
-
 class Multiplexer(Service):
     """
     Keeps the history and fans output out to every attached client.
 
-    @ivar history: the ring of recent output.
+    @ivar history: the boot's head and the ring of recent output.
     @ivar read_only: discard (and count) every client's input.
     @ivar session: names this run of the server; offsets from another run (before a
         restart) mean nothing here, so a resuming client must name the session too.
+    @ivar up: whether a console device is connected now.
+    @ivar state_reason: why the console is down, or what was opened when it came up.
+    @ivar state_since: when it last went up or down (ISO 8601, UTC).
     """
 
     _log = Logger()
@@ -210,10 +229,11 @@ class Multiplexer(Service):
         clock: IReactorTime | None = None,
         max_stall: float = 0.1,
         lag_window: int = 0,
+        head_size: int = 0,
     ) -> None:
         # The ring is the replayed history, or the lag window if that is larger: slow
         # viewers catch up from it, new ones are sent only the last history_size bytes.
-        self.history = History(max(history_size, lag_window))
+        self.history = History(max(history_size, lag_window), head_size=head_size)
         self.replay_size = history_size
         self.session = secrets.token_hex(8)
         self.clock = clock
@@ -222,41 +242,146 @@ class Multiplexer(Service):
         self._stall_call: IDelayedCall | None = None
         self.read_only = read_only
         self._attachments: list[Attachment] = []
-        self._pty: _PtyWriter | None = None
-        self._input_paused = False
-        self._closing = False
+        self._pty: _ConsoleWriter | None = None
+        self.up = False
+        self.state_reason = "not opened yet"
+        self.state_since = self._now()
+        #: How many times the console came back after going down.
+        self.reopen_count = 0
+        self._went_down = False
         self.closed_reason: str | None = None
         self._on_console_closed: list[Callable[[str], None]] = []
+        #: Set once L{stopService} has begun closing the clients.
+        self.stopping = False
+
+    def _now(self) -> str:
+        seconds = self.clock.seconds() if self.clock is not None else time.time()
+        moment = datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=0)
+        return moment.isoformat().replace("+00:00", "Z")
+
+    # -- what a new client is sent ----------------------------------------------------
 
     @property
-    def replay_start(self) -> int:
-        """Offset of the oldest byte a new client is sent (the last history_size)."""
+    def tail_start(self) -> int:
+        """Offset of the oldest byte of the replayed tail (the last history_size)."""
         history = self.history
         return max(history.start, history.end - self.replay_size)
 
+    @property
+    def replay_start(self) -> int:
+        """
+        Offset of the first byte a new client is sent: the boot's head, if one is held
+        before the tail, else the tail.
+        """
+        history = self.history
+        tail_start = self.tail_start
+        if history.head_start < history.head_end and history.head_start < tail_start:
+            return history.head_start
+        return tail_start
+
+    @property
+    def replay_skip(self) -> tuple[int, int] | None:
+        """The bytes [from, to) between the head and the tail that a new client skips."""
+        history = self.history
+        head_end, tail_start = history.head_end, self.tail_start
+        if self.replay_start == history.head_start < head_end < tail_start:
+            return head_end, tail_start
+        return None
+
     def replay(self) -> bytes:
-        """The history a new client gets, oldest first."""
-        return self.history.read_from(self.replay_start)
+        """
+        The history a new client gets, oldest first, as one file: the head, a marker
+        line for the bytes skipped, the tail.
+        """
+        skipped = self.replay_skip
+        if skipped is None:
+            return self.history.read_from(self.replay_start)
+        head = self.history.head()
+        return head + skip_marker(skipped[1] - skipped[0]) + self.history.read_from(skipped[1])
 
-    # -- the pty side ----------------------------------------------------------------
+    # -- the console side ------------------------------------------------------------
 
-    def connect_pty(self, pty: _PtyWriter) -> None:
-        """Use C{pty} for input, and pause clients' input when its buffer fills."""
-        self._pty = pty
-        pty.registerProducer(_InputGate(self), True)
+    def console_up(self, device: _ConsoleWriter, description: str = "") -> None:
+        """
+        The console is open (at start-up, or again after it went down): read it, write
+        input to it, and keep its first bytes as the new boot's head.
+        """
+        if self.closed_reason is not None:
+            device.close()
+            return
+        self._pty = device
+        self.history.begin_boot()
+        if self._went_down:
+            self.reopen_count += 1
+        self.up = True
+        self.state_reason = description or "console opened"
+        self.state_since = self._now()
+        self._log.info(
+            "console up: {description}",
+            description=self.state_reason,
+            reopens=self.reopen_count,
+        )
+        self._announce_state()
+        if self.running:
+            device.startReading()
+
+    def console_down(self, reason: str) -> None:
+        """
+        The console went away but may come back (it is being retried): keep the clients
+        and the history, tell them why. Input queued for the old device is lost with it.
+        """
+        if self.closed_reason is not None:
+            return
+        device, self._pty = self._pty, None
+        self.up = False
+        self._went_down = True
+        self.state_reason = reason
+        self.state_since = self._now()
+        if device is not None and device.pending_input:
+            self._log.warn(
+                "{count} bytes of input were not taken by the console before it went down",
+                count=device.pending_input,
+            )
+        self._log.info("console down: {reason}", reason=reason)
+        self._cancel_stall()
+        self._reading_held = False
+        self._announce_state()
+
+    def _announce_state(self) -> None:
+        for attachment in list(self._attachments):
+            attachment.client.console_state(self.up, self.state_reason, self.state_since)
 
     def when_console_closed(self, callback: Callable[[str], None]) -> None:
-        """Call C{callback(reason)} once, when the pty goes away (at once if it has)."""
+        """Call C{callback(reason)} once, when the console is gone for good."""
         if self.closed_reason is not None:
             callback(self.closed_reason)
         else:
             self._on_console_closed.append(callback)
 
+    def console_lost(self, reason: str) -> None:
+        """The console is gone for good: tell every client why, then whoever waits for it."""
+        if self.closed_reason is not None:
+            return
+        self._pty = None
+        self.up = False
+        self.state_reason = reason
+        self.state_since = self._now()
+        self.closed_reason = reason
+        self._cancel_stall()
+        self._log.info(
+            "console closed: {reason}; closing {clients} client(s)",
+            reason=reason,
+            clients=len(self._attachments),
+        )
+        self._close_all(CLOSE_CONSOLE_CLOSED, f"console closed: {reason}")
+        for callback in self._on_console_closed:
+            callback(reason)
+
     def read_budget(self) -> int:
         """
-        How many bytes the pty may be read now: as many as keep every pacing viewer's
-        next byte in the history. At 0 the reading is held (the caller stops reading)
-        until a viewer moves on, or for at most C{max_stall} seconds.
+        How many bytes the console may be read now: as many as keep every pacing
+        viewer's next byte in the history. At 0 the reading is held (the caller stops
+        reading) until a viewer moves on, or for at most C{max_stall} seconds.
         """
         budget = self._room()
         if budget <= 0 and not self._reading_held:
@@ -266,6 +391,17 @@ class Multiplexer(Service):
             self._reading_held = True
             self._stall_call = self.clock.callLater(self.max_stall, self._stall_expired)
         return max(budget, 0)
+
+    def _pacing_cursor(self, attachment: Attachment) -> int:
+        """
+        Where a viewer's stream goes on in the ring: its cursor, or, while it is still
+        being sent the boot's head, the tail it will skip to (so a new viewer reading
+        the head never holds the guest up).
+        """
+        cursor = attachment.cursor
+        if attachment.in_head and cursor < self.history.start:
+            return self.tail_start
+        return cursor
 
     def _room(self) -> int:
         """
@@ -281,7 +417,7 @@ class Multiplexer(Service):
             if attachment.paces:
                 pacing = True
                 if attachment.paused:
-                    room = min(room, capacity - (end - attachment.cursor))
+                    room = min(room, capacity - (end - self._pacing_cursor(attachment)))
                 else:
                     live = True
         if pacing and not live:
@@ -294,7 +430,7 @@ class Multiplexer(Service):
         everyone_paused = not any(a.paces and not a.paused for a in self._attachments)
         for attachment in self._attachments:
             if attachment.paces and attachment.paused:
-                room = history.capacity - (history.end - attachment.cursor)
+                room = history.capacity - (history.end - self._pacing_cursor(attachment))
                 if everyone_paused or room <= 0:
                     attachment.paces = False
                     self._log.warn(
@@ -309,14 +445,18 @@ class Multiplexer(Service):
         self._stop_waiting_for_stalled()
         self._release_reading()
 
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
+
     def _release_reading(self) -> None:
-        """Read the pty again if it was held and there is room now."""
+        """Read the console again if it was held and there is room now."""
         if not self._reading_held or self._room() <= 0:
             return
         self._reading_held = False
-        if self._stall_call is not None:
-            self._stall_call.cancel()
-            self._stall_call = None
+        self._cancel_stall()
         if self._pty is not None and self.running and self.closed_reason is None:
             self._pty.startReading()
 
@@ -340,20 +480,6 @@ class Multiplexer(Service):
             else:
                 self._catch_up(attachment)
 
-    def console_lost(self, reason: str) -> None:
-        """The pty is gone: tell every client why, then whoever waits for it."""
-        if self.closed_reason is not None:
-            return
-        self.closed_reason = reason
-        self._log.info(
-            "console closed: {reason}; closing {clients} client(s)",
-            reason=reason,
-            clients=len(self._attachments),
-        )
-        self._close_all(CLOSE_CONSOLE_CLOSED, f"console closed: {reason}")
-        for callback in self._on_console_closed:
-            callback(reason)
-
     # -- the client side -------------------------------------------------------------
 
     @property
@@ -370,9 +496,9 @@ class Multiplexer(Service):
         read_only: bool = False,
     ) -> Attachment:
         """
-        Attach C{client} and send it the history from C{from_offset} (default: all of
-        it), then live output. If C{from_offset} has already left the history, the
-        client is told of the gap first.
+        Attach C{client} and send it the history from C{from_offset} (default: the
+        boot's head and the tail), then live output. If C{from_offset} is no longer
+        held, the client is told of the gap first.
 
         The history is sent and the client becomes live in one step, with no reactor turn
         in between, so no byte is lost or sent twice at the seam.
@@ -389,9 +515,8 @@ class Multiplexer(Service):
             raise ValueError(f"offset {from_offset} is outside the output [0, {history.end}]")
         attachment = Attachment(self, client, from_offset, viewer)
         attachment.read_only = read_only
+        attachment.in_head = history.head_start <= from_offset < history.head_end
         self._attachments.append(attachment)
-        if self._input_paused:
-            client.pause_input()
         self._log.info(
             "client attached at offset {offset}; {clients} attached, "
             "{history_bytes} bytes of history",
@@ -408,10 +533,12 @@ class Multiplexer(Service):
     def start(self, attachment: Attachment) -> None:
         """Send a newly attached client what it asked for, then keep it live."""
         history = self.history
-        if attachment.cursor < history.start:
-            lost_from = attachment.cursor
-            attachment.cursor = history.start
-            if not attachment.client.gap(lost_from, history.start, "resume"):
+        cursor = attachment.cursor
+        if not history.holds(cursor) and cursor < history.end:
+            following = history.next_held(cursor)
+            attachment.cursor = following
+            attachment.in_head = history.head_start <= following < history.head_end
+            if not attachment.client.gap(cursor, following, "resume"):
                 self.detach(attachment)
                 return
         self._catch_up(attachment)
@@ -450,61 +577,77 @@ class Multiplexer(Service):
                 if not attachment.paces and attachment.viewer:
                     attachment.paces = True  # caught up: the guest may wait for it again
                 return
-            start = history.start
-            if cursor < start:
+            if not history.holds(cursor):
+                following = history.next_held(cursor)
+                if attachment.in_head and cursor == history.head_end:
+                    # The head was sent: on to the tail, past what is not replayed.
+                    attachment.in_head = False
+                    attachment.cursor = max(following, self.tail_start)
+                    attachment.client.skip(cursor, attachment.cursor)
+                    continue
                 self._log.warn(
                     "client fell {lost} bytes behind the history (offset {offset}, "
-                    "history starts at {start})",
-                    lost=start - cursor,
+                    "the next byte held is at {start})",
+                    lost=following - cursor,
                     offset=cursor,
-                    start=start,
+                    start=following,
                 )
-                attachment.cursor = start
-                if not attachment.client.gap(cursor, start, "lagging"):
+                attachment.cursor = following
+                attachment.in_head = history.head_start <= following < history.head_end
+                if not attachment.client.gap(cursor, following, "lagging"):
                     self.detach(attachment)
                     return
                 continue
             data = history.read_from(cursor, CATCH_UP_STEP)
             attachment.cursor = cursor + len(data)
+            if attachment.in_head and attachment.cursor >= history.start:
+                attachment.in_head = False  # the head ran into the ring: no skip
             attachment.client.output(Chunk(cursor, data))
 
-    def input_received(self, attachment: Attachment, data: bytes) -> None:
+    def input_received(self, attachment: Attachment, data: bytes) -> str | None:
         """
-        A client typed C{data}: write it to the pty, unless the session is read-only or
-        the console has gone, in which case it is counted and discarded.
+        A client typed C{data}: queue it for the console whole, or refuse it whole and
+        count it (read-only, console down or gone, or the input backlog full).
+
+        @return: why the input was refused, or C{None} if it was queued.
         """
         if not data:
-            return
-        read_only = self.read_only or attachment.read_only
-        if read_only or self._pty is None or self.closed_reason is not None:
-            first = attachment.input_discarded == 0
-            attachment.input_discarded += len(data)
-            if first:
-                self._log.info(
-                    "input discarded ({why}): {count} bytes",
-                    why="read-only" if read_only else "console closed",
-                    count=len(data),
-                )
-            return
-        self._pty.write(data)
-
-    def _set_input_paused(self, paused: bool) -> None:
-        if paused == self._input_paused:
-            return
-        self._input_paused = paused
-        self._log.info(
-            "pty input {state}", state="backlogged: pausing clients" if paused else "drained"
-        )
-        for attachment in list(self._attachments):
-            if paused:
-                attachment.client.pause_input()
-            else:
-                attachment.client.resume_input()
+            return None
+        device = self._pty
+        reason: str | None = None
+        if self.read_only or attachment.read_only:
+            reason = REFUSED_READ_ONLY
+        elif self.closed_reason is not None:
+            reason = REFUSED_CONSOLE_CLOSED
+        elif device is None:
+            reason = REFUSED_CONSOLE_DOWN
+        elif device.pending_input + len(data) > INPUT_BACKLOG:
+            reason = REFUSED_BACKLOG_FULL
+        if reason is None:
+            assert device is not None
+            device.write(data)
+            attachment._refused_for = None
+            return None
+        attachment.input_discarded += len(data)
+        if attachment._refused_for != reason:
+            attachment._refused_for = reason
+            self._log.info(
+                "input discarded ({why}): {count} bytes",
+                why=reason,
+                count=len(data),
+                total=attachment.input_discarded,
+            )
+        return reason
 
     # -- service ---------------------------------------------------------------------
 
-    def _close_all(self, code: int, reason: str) -> Deferred[Any]:
-        closing = [a.client.close(code, reason) for a in list(self._attachments)]
+    def _close_all(self, code: int, reason: str, viewers: bool | None = None) -> Deferred[Any]:
+        """Close every client (or only the viewers, or only the others)."""
+        closing = [
+            a.client.close(code, reason)
+            for a in list(self._attachments)
+            if viewers is None or a.viewer == viewers
+        ]
         return DeferredList(closing, consumeErrors=True)
 
     def startService(self) -> None:
@@ -515,19 +658,25 @@ class Multiplexer(Service):
 
     def stopService(self) -> Deferred[Any]:
         """
-        Close every client with a close frame, wait until they are gone, then close the
-        pty (restoring its terminal settings).
+        Close every viewer with a close frame and wait until they are gone, then close
+        the console (restoring its terminal settings), and only then the log file: the
+        console is still read during the close handshakes, and what it says then is
+        logged too.
         """
         Service.stopService(self)
-        done: Deferred[Any] = self._close_all(CLOSE_GOING_AWAY, "server shutting down")
+        self.stopping = True
+        self._cancel_stall()
+        done: Deferred[Any] = self._close_all(CLOSE_GOING_AWAY, "server shutting down", True)
 
-        def close_pty(result: object) -> None:
-            if self._pty is not None:
-                self._pty.close()
+        def close_console(result: object) -> Deferred[Any]:
+            device, self._pty = self._pty, None
+            if device is not None:
+                device.close()
+            return self._close_all(CLOSE_GOING_AWAY, "server shutting down", False)
 
         def log_failure(failure: Failure) -> None:
             self._log.failure("while closing clients", failure)
 
-        done.addCallback(close_pty)
+        done.addCallback(close_console)
         done.addErrback(log_failure)
         return done

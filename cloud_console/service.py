@@ -1,9 +1,10 @@
 """
 The one place the console's objects are wired together, for both entry points.
 
-Service order matters: the multiplexer starts first and stops last, so the listening
-ports close before the clients are closed, and the clients are closed (with close frames)
-before the pty and the log file.
+Service order matters: services stop in the reverse of the order they were added. The
+ports close first; then the multiplexer closes the clients (with close frames), then the
+console, then the log file, which is added before it so that it is still open while the
+console is read during the close handshakes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from .access import CredentialFileError, OriginPolicy
+from .device import ConsoleOpenError
+from .follow import ConsoleFollower
 from .logfile import LogFileError, LogFileSink
 from .multiplexer import Multiplexer
-from .ptydevice import PtyDevice, PtyOpenError
+from .sources import SourceError
 from .web import ConsoleSite, build_site
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
@@ -91,10 +94,11 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
     """
     Build the daemon from parsed L{cloud_console.tap.Options}.
 
-    The pty and the log file are opened here, before the reactor runs (and before twistd
-    drops privileges), so a console that cannot be opened is reported at once.
+    The console and the log file are opened here, before the reactor runs (and before
+    twistd drops privileges), so a console that cannot be opened is reported at once
+    (with C{--reopen} it is shown as down and waited for instead).
 
-    @raise StartupError: the pty or the log file cannot be opened.
+    @raise StartupError: the console or the log file cannot be opened.
     """
     multiplexer = Multiplexer(
         options["history-size"],
@@ -102,35 +106,43 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
         clock=reactor,
         max_stall=options["max-stall"],
         lag_window=LAG_WINDOW,
+        head_size=options["head-size"],
+    )
+    follower = ConsoleFollower(
+        options["source"],
+        multiplexer,
+        reactor,
+        raw=not options["no-raw"],
+        reopen=bool(options["reopen"]),
+        run_blocking=_thread_runner(reactor),
     )
     try:
-        device = PtyDevice.open(
-            options["pty"],
-            raw=not options["no-raw"],
-            on_output=multiplexer.output_received,
-            on_lost=multiplexer.console_lost,
-            reactor=reactor,
-            read_budget=multiplexer.read_budget,
-        )
-    except PtyOpenError as e:
+        follower.open_now()
+    except (SourceError, ConsoleOpenError) as e:
         raise StartupError(str(e)) from e
-    multiplexer.connect_pty(device)
+
+    def close_console() -> None:
+        if follower.device is not None:
+            follower.device.close()
+
     console = ConsoleService(reactor, multiplexer)
-    multiplexer.setServiceParent(console)
     if options["log-file"]:
         try:
             sink = LogFileSink(options["log-file"], multiplexer)
         except LogFileError as e:
-            device.close()
+            close_console()
             raise StartupError(str(e)) from e
         sink.setServiceParent(console)
         console.log_sink = sink
+    multiplexer.setServiceParent(console)
+    follower.setServiceParent(console)
     settings = ConsoleSettings(
         title=options["title"] or options["pty"],
         client_buffer=options["client-buffer"],
         ack_window=options["ack-window"],
         origins=OriginPolicy(tuple(options["allow-origin"])),
         max_clients=options["max-clients"],
+        ping_interval=options["ping-interval"],
     )
     if settings.origins.allow_any:
         console._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
@@ -144,7 +156,7 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
             run_in_thread=_thread_runner(reactor),
         )
     except CredentialFileError as e:
-        device.close()
+        close_console()
         raise StartupError(str(e)) from e
     if not (options["password-file"] or options["token-file"]):
         console._log.info("no --password-file or --token-file: anyone who reaches the port may type")

@@ -19,6 +19,8 @@ DEFAULT_HISTORY_SIZE = 80_000
 DEFAULT_CLIENT_BUFFER = 256 * 1024
 DEFAULT_ACK_WINDOW = 1024 * 1024
 DEFAULT_MAX_CLIENTS = 256
+DEFAULT_HEAD_SIZE = 256 * 1024
+DEFAULT_PING_INTERVAL = 30.0
 
 
 def _positive_int(name: str) -> Any:
@@ -29,6 +31,32 @@ def _positive_int(name: str) -> Any:
             raise usage.UsageError(f"--{name} must be a whole number of bytes, not {value!r}")
         if number <= 0:
             raise usage.UsageError(f"--{name} must be positive, not {number}")
+        return number
+
+    return parse
+
+
+def _non_negative_int(name: str) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a whole number of bytes, not {value!r}")
+        if number < 0:
+            raise usage.UsageError(f"--{name} must be 0 or more, not {number}")
+        return number
+
+    return parse
+
+
+def _positive_float(name: str) -> Any:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}")
+        if not 0 < number < float("inf"):
+            raise usage.UsageError(f"--{name} must be more than 0, not {value}")
         return number
 
     return parse
@@ -50,10 +78,12 @@ def _non_negative_float(name: str) -> Any:
 class Options(usage.Options):
     """Everything an operator can set; checked here so mistakes are usage errors."""
 
-    synopsis = "--pty PATH [--port ENDPOINT ...] [options]"
+    synopsis = "--console SOURCE [--port ENDPOINT ...] [options]"
     longdesc = (
-        "Serve a pty (a virtual machine's serial console, or any program's pty) as a "
-        "web terminal shared by every browser that connects. --port takes a Twisted "
+        "Serve a console (a virtual machine's serial console, or any program's pty) as a "
+        "web terminal shared by every browser that connects. SOURCE is pty:PATH (or a "
+        "bare path), unix:PATH, cloud-hypervisor:API_SOCKET or "
+        "qmp:QMP_SOCKET[:chardev=LABEL]. --port takes a Twisted "
         "endpoint description, e.g. tcp:port=8080:interface=127.0.0.1, "
         "ssl:port=8443:privateKey=key.pem:certKey=cert.pem, unix:/run/console.sock, "
         "systemd:domain=INET:index=0; give it more than once to listen on several."
@@ -62,9 +92,22 @@ class Options(usage.Options):
     optFlags = [
         ["no-raw", None, "Leave the pty's line discipline alone (default: raw mode)."],
         ["read-only", None, "Discard every client's input (counted, and the page says so)."],
+        [
+            "reopen",
+            None,
+            "Follow the console: when it goes away (reboot, VMM restart), keep the clients "
+            "and the history and open the source again (resolved anew) until it is back.",
+        ],
     ]
     optParameters = [
-        ["pty", None, None, "Path of the pty slave to serve, e.g. /dev/pts/7 (required)."],
+        [
+            "console",
+            None,
+            None,
+            "Where the console is: pty:PATH or a bare path, unix:PATH, "
+            "cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL] (required).",
+        ],
+        ["pty", None, None, "Same as --console pty:PATH."],
         ["log-file", None, None, "Append all console output to this file (reopened on SIGHUP)."],
         [
             "history-size",
@@ -72,6 +115,21 @@ class Options(usage.Options):
             DEFAULT_HISTORY_SIZE,
             "Bytes of output kept and replayed to new clients.",
             _positive_int("history-size"),
+        ],
+        [
+            "head-size",
+            None,
+            DEFAULT_HEAD_SIZE,
+            "Also keep the first N bytes of each boot (the boot log), replayed before the "
+            "history; 0 turns it off.",
+            _non_negative_int("head-size"),
+        ],
+        [
+            "ping-interval",
+            None,
+            DEFAULT_PING_INTERVAL,
+            "Seconds between WebSocket pings; a peer silent for twice that is dropped.",
+            _positive_float("ping-interval"),
         ],
         [
             "client-buffer",
@@ -105,7 +163,7 @@ class Options(usage.Options):
             _non_negative_float("max-stall"),
         ],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
-        ["title", None, None, "The page's title (default: the pty path)."],
+        ["title", None, None, "The page's title (default: the console source)."],
     ]
 
     def __init__(self) -> None:
@@ -138,8 +196,25 @@ class Options(usage.Options):
         self["port"].append(description)
 
     def postOptions(self) -> None:
-        if not self["pty"]:
-            raise usage.UsageError("--pty PATH is required (the pty slave to serve)")
+        from .sources import parse_source
+
+        if self["pty"] and self["console"]:
+            raise usage.UsageError("give --console SOURCE or --pty PATH, not both")
+        if self["pty"]:
+            self["console"] = self["pty"]
+        if not self["console"]:
+            raise usage.UsageError("--console SOURCE (or --pty PATH) is required")
+        try:
+            self["source"] = parse_source(self["console"])
+        except ValueError as e:
+            raise usage.UsageError(f"--console: {e}")
+        if self["reopen"] and not self["source"].follows_reboots:
+            raise usage.UsageError(
+                f"--reopen with {self['console']!r}: after a hang-up that pty number may "
+                "belong to another VM or a user's terminal. Follow a symlink the VMM "
+                "keeps (pty:/run/vm1.console), or ask the VMM (qmp:..., "
+                "cloud-hypervisor:...), or a unix: socket."
+            )
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
         if self["static-dir"] is not None:
@@ -148,7 +223,7 @@ class Options(usage.Options):
             if not Path(self["static-dir"]).is_dir():
                 raise usage.UsageError(f"--static-dir {self['static-dir']!r} is not a directory")
         if self["title"] is None:
-            self["title"] = self["pty"]
+            self["title"] = self["console"]
 
 
 def makeService(options: Options) -> IService:

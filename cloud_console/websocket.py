@@ -36,6 +36,7 @@ from .multiplexer import (
     Chunk,
     IConsoleClient,
     Multiplexer,
+    skip_marker,
 )
 
 #: The subprotocol with offsets, acknowledgements, resume and status messages.
@@ -59,6 +60,8 @@ class ConsoleSettings:
     origins: OriginPolicy = field(default_factory=OriginPolicy)
     #: Viewers at once; the next upgrade is refused with 503.
     max_clients: int = 256
+    #: Seconds between keep-alive pings; a peer silent for twice that is dropped.
+    ping_interval: float = 30.0
 
 
 @implementer(IPushProducer)
@@ -202,6 +205,8 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             clients=multiplexer.viewer_count + 1,
             readOnly=multiplexer.read_only or self.factory.read_only,
         )
+        if not multiplexer.up:
+            self.console_state(False, multiplexer.state_reason, multiplexer.state_since)
         if restarted:
             self._send_event(
                 "gap",
@@ -219,9 +224,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         if attachment is None:
             return
         if isBinary or not self.v1:
-            attachment.send_input(payload)
-            if attachment.input_discarded and self.v1:
-                self._send_event("input-discarded", bytes=attachment.input_discarded)
+            refused = attachment.send_input(payload)
+            if refused is not None and self.v1:
+                self._send_event(
+                    "input-discarded", bytes=attachment.input_discarded, reason=refused
+                )
             return
         self._control(payload)
 
@@ -296,19 +303,26 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         self.close(CLOSE_LAGGING, f"lagging: {lost} bytes fell out of the history")
         return False
 
+    def skip(self, skip_from: int, skip_to: int) -> None:
+        """
+        v1: say which bytes are skipped (the page marks the place, no reset). The
+        original protocol has only the byte stream: a marker line goes in it.
+        """
+        skipped = skip_to - skip_from
+        if self.v1:
+            self._skipped = [*self._skipped, (max(skip_from, self._acked), skip_to)]
+            self._send_event("skip", bytes=skipped, **{"from": skip_from, "to": skip_to})
+        else:
+            self.sendMessage(skip_marker(skipped), isBinary=True)
+
     def clients_changed(self, count: int) -> None:
         if self.v1:
             self._send_event("clients", count=count)
 
-    def pause_input(self) -> None:
-        transport: Any = self.transport
-        if transport is not None:
-            transport.pauseProducing()
-
-    def resume_input(self) -> None:
-        transport: Any = self.transport
-        if transport is not None:
-            transport.resumeProducing()
+    def console_state(self, up: bool, reason: str, since: str) -> None:
+        """v1: the console went down or came back (the original protocol cannot say)."""
+        if self.v1:
+            self._send_event("console", state="up" if up else "down", reason=reason, since=since)
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         """Send a close frame with C{code} and C{reason}; fires once the peer is gone."""
@@ -373,8 +387,8 @@ class ConsoleServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=settings.max_message_size,
             maxFramePayloadSize=settings.max_message_size,
             # Notice peers that vanished without a close frame.
-            autoPingInterval=30,
-            autoPingTimeout=60,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=2 * settings.ping_interval,
             # A half-open upgrade must not hold a slot forever.
             openHandshakeTimeout=10,
             # A peer closed as lagging first reads what is queued before the close frame

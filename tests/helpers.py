@@ -181,19 +181,16 @@ def handshake(
 
 
 class FakePty:
-    """Stands in for the pty device: records input and the registered producer."""
+    """Stands in for the console device: records input, as a guest that reads it all."""
 
     def __init__(self) -> None:
         self.written = bytearray()
-        self.producer: Any = None
+        self.pending_input = 0
         self.reading = False
         self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written += data
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
 
     def startReading(self) -> None:
         self.reading = True

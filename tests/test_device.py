@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.ptydevice} on a real pty pair from C{os.openpty()}.
+Tests for L{cloud_console.device} on a real pty pair from C{os.openpty()}.
 
 The test plays the VM monitor on the master side; production code opens the slave by
 path, as it would a guest console.
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloud_console.ptydevice import READ_PER_TURN, PtyDevice, PtyOpenError, open_tty
+from cloud_console.device import READ_PER_TURN, ConsoleDevice, ConsoleOpenError, open_tty
 
 
 def read_all(fd: int) -> bytes:
@@ -106,9 +106,9 @@ class OpenTtyTests(PtyPairMixin, SynchronousTestCase):
         self.assertEqual(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE, os.O_RDWR)
 
     def test_missing_path(self) -> None:
-        """A path that does not exist is a PtyOpenError naming the path and the cause."""
+        """A path that does not exist is a ConsoleOpenError naming the path and the cause."""
         path = self.mktemp()
-        e = self.assertRaises(PtyOpenError, open_tty, path, True)
+        e = self.assertRaises(ConsoleOpenError, open_tty, path, True)
         self.assertIn(path, str(e))
         self.assertIn("No such file", str(e))
 
@@ -118,26 +118,26 @@ class OpenTtyTests(PtyPairMixin, SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"x")
         before = len(os.listdir("/proc/self/fd"))
-        e = self.assertRaises(PtyOpenError, open_tty, path, True)
+        e = self.assertRaises(ConsoleOpenError, open_tty, path, True)
         self.assertIn("not a terminal", str(e))
         self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
     def test_character_device_not_tty_refused(self) -> None:
         """/dev/null is a character device but not a terminal: refused."""
         self.assertTrue(stat.S_ISCHR(os.stat("/dev/null").st_mode))
-        e = self.assertRaises(PtyOpenError, open_tty, "/dev/null", True)
+        e = self.assertRaises(ConsoleOpenError, open_tty, "/dev/null", True)
         self.assertIn("not a terminal", str(e))
 
 
-class PtyDeviceTests(PtyPairMixin, SynchronousTestCase):
-    """L{PtyDevice} on a memory reactor, its I/O driven by hand on a real pty."""
+class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
+    """L{ConsoleDevice} on a memory reactor, its I/O driven by hand on a real pty."""
 
-    def make_device(self, raw: bool = True) -> tuple[PtyDevice, int, list[bytes], list[str]]:
+    def make_device(self, raw: bool = True) -> tuple[ConsoleDevice, int, list[bytes], list[str]]:
         master, path = self.make_pair()
         self.reactor = MemoryReactorClock()
         output: list[bytes] = []
         lost: list[str] = []
-        device = PtyDevice.open(path, raw, output.append, lost.append, self.reactor)
+        device = ConsoleDevice.open(path, raw, output.append, lost.append, self.reactor)
         self.addCleanup(device.close)
         return device, master, output, lost
 
@@ -256,7 +256,7 @@ class PtyDeviceTests(PtyPairMixin, SynchronousTestCase):
         master, path = self.make_pair()
         before = termios.tcgetattr(master)
         lost: list[str] = []
-        device = PtyDevice.open(path, True, lambda data: None, lost.append, MemoryReactorClock())
+        device = ConsoleDevice.open(path, True, lambda data: None, lost.append, MemoryReactorClock())
         fd = device.fd
         device.close()
         self.assertEqual(lost, [])

@@ -1,6 +1,7 @@
 """
 Tests for L{cloud_console.multiplexer}: history plus live output fanned out to clients,
-cursor-based flow control, the input path and its gate, and shutdown.
+cursor-based flow control, the boot's head and the skip to the tail, the console going
+down and up, the bounded input backlog, and shutdown.
 
 Everything here is synchronous: the multiplexer never schedules, so a fake client and a
 fake pty are all it takes.
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -21,10 +22,12 @@ from cloud_console.multiplexer import (
     CATCH_UP_STEP,
     CLOSE_CONSOLE_CLOSED,
     CLOSE_GOING_AWAY,
+    INPUT_BACKLOG,
     Attachment,
     Chunk,
     IConsoleClient,
     Multiplexer,
+    skip_marker,
 )
 
 
@@ -58,7 +61,8 @@ class FakeClient:
         self.counts: list[int] = []
         self.closes: list[tuple[int, str]] = []
         self.close_results: list[Deferred[None]] = []
-        self.input_events: list[str] = []
+        self.skips: list[tuple[int, int]] = []
+        self.states: list[tuple[bool, str, str]] = []
         self.events: list[tuple[str, Any]] = []
         self.on_output: Callable[[Chunk], None] | None = None
 
@@ -86,14 +90,16 @@ class FakeClient:
         self.events.append(("gap", (lost_from, lost_to, reason)))
         return self.gap_result
 
+    def skip(self, skip_from: int, skip_to: int) -> None:
+        self.skips.append((skip_from, skip_to))
+        self.events.append(("skip", (skip_from, skip_to)))
+
     def clients_changed(self, count: int) -> None:
         self.counts.append(count)
 
-    def pause_input(self) -> None:
-        self.input_events.append("pause")
-
-    def resume_input(self) -> None:
-        self.input_events.append("resume")
+    def console_state(self, up: bool, reason: str, since: str) -> None:
+        self.states.append((up, reason, since))
+        self.events.append(("console", (up, reason)))
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         self.closes.append((code, reason))
@@ -105,22 +111,25 @@ class FakeClient:
 
 
 class FakePty:
-    """The pty as the multiplexer sees it: a write, a producer slot, start and close."""
+    """
+    The console device as the multiplexer sees it: a buffered write, start and close.
+
+    Its guest takes no input until L{drain}: what is written stays pending.
+    """
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
-        self.producer: Any = None
-        self.streaming: bool | None = None
+        self.pending_input = 0
         self.reading = 0
         self.closed = 0
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self.pending_input += len(data)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert self.producer is None, "producer registered twice"
-        self.producer = producer
-        self.streaming = streaming
+    def drain(self) -> None:
+        """The guest read everything queued."""
+        self.pending_input = 0
 
     def startReading(self) -> None:
         self.reading += 1
@@ -161,14 +170,6 @@ class FakeTests(SynchronousTestCase):
     def test_fake_client_provides_interface(self) -> None:
         """The fake client implements every method of L{IConsoleClient}."""
         self.assertTrue(verifyObject(IConsoleClient, FakeClient()))
-
-    def test_input_gate_is_push_producer(self) -> None:
-        """L{Multiplexer.connect_pty} registers a streaming L{IPushProducer} on the pty."""
-        multiplexer = Multiplexer(100)
-        pty = FakePty()
-        multiplexer.connect_pty(pty)
-        self.assertIs(pty.streaming, True)
-        self.assertTrue(verifyObject(IPushProducer, pty.producer))
 
 
 class ChunkTests(SynchronousTestCase):
@@ -694,7 +695,7 @@ class InputTests(SynchronousTestCase):
 
     def make(self, read_only: bool = False) -> Multiplexer:
         multiplexer = Multiplexer(100, read_only=read_only)
-        multiplexer.connect_pty(self.pty)
+        multiplexer.console_up(self.pty)
         return multiplexer
 
     def test_input_to_pty(self) -> None:
@@ -741,88 +742,215 @@ class InputTests(SynchronousTestCase):
         self.assertEqual(event["why"], "console closed")
 
     def test_input_without_pty(self) -> None:
-        """Input before a pty is connected is discarded and counted."""
+        """Input before a console is connected is refused ("console down") and counted."""
         multiplexer = Multiplexer(100)
         attachment = attach(multiplexer, FakeClient())
-        attachment.send_input(b"xy")
+        self.assertEqual(attachment.send_input(b"xy"), "console down")
         self.assertEqual(attachment.input_discarded, 2)
 
 
-class InputGateTests(SynchronousTestCase):
-    """The pty's producer pauses and resumes every client's input."""
+class InputBacklogTests(SynchronousTestCase):
+    """
+    A guest that does not read its input: what is typed waits, bounded, and what does
+    not fit is refused whole; no client is ever paused for it.
+    """
 
     def setUp(self) -> None:
         self.multiplexer = Multiplexer(100)
         self.pty = FakePty()
-        self.multiplexer.connect_pty(self.pty)
+        self.multiplexer.console_up(self.pty)
 
-    def test_pause_and_resume_all(self) -> None:
+    def test_queued_until_full_then_refused_whole(self) -> None:
         """
-        The pty pausing its producer pauses every client's input; resuming it resumes
-        them all, non-viewers included.
+        Messages are queued while they fit in L{INPUT_BACKLOG}; one that does not fit is
+        refused whole (never cut), counted, and reported with its reason; once the
+        guest reads, input is queued again, in order.
         """
-        clients = [FakeClient(), FakeClient()]
-        for client in clients:
-            attach(self.multiplexer, client)
-        sink = FakeClient()
-        attach(self.multiplexer, sink, viewer=False)
-        self.pty.producer.pauseProducing()
-        for client in clients + [sink]:
-            self.assertEqual(client.input_events, ["pause"])
-        self.pty.producer.resumeProducing()
-        for client in clients + [sink]:
-            self.assertEqual(client.input_events, ["pause", "resume"])
+        attachment = attach(self.multiplexer, FakeClient())
+        big = b"p" * (INPUT_BACKLOG - 10)
+        self.assertIsNone(attachment.send_input(big))
+        self.assertIsNone(attachment.send_input(b"0123456789"))
+        self.assertEqual(attachment.send_input(b"x"), "input backlog full")
+        self.assertEqual(attachment.send_input(b"yz"), "input backlog full")
+        self.assertEqual(self.pty.written, [big, b"0123456789"])
+        self.assertEqual(attachment.input_discarded, 3)
+        self.pty.drain()
+        self.assertIsNone(attachment.send_input(b"after"))
+        self.assertEqual(self.pty.written[-1], b"after")
 
-    def test_attached_while_paused(self) -> None:
-        """A client attached while input is paused is paused at attach, then resumed."""
-        self.pty.producer.pauseProducing()
-        client = FakeClient()
-        attach(self.multiplexer, client)
-        self.assertEqual(client.input_events, ["pause"])
-        self.pty.producer.resumeProducing()
-        self.assertEqual(client.input_events, ["pause", "resume"])
+    def test_backlog_shared_by_the_console(self) -> None:
+        """The bound is per console: one client's paste fills it for everyone."""
+        first = attach(self.multiplexer, FakeClient())
+        second = attach(self.multiplexer, FakeClient())
+        first.send_input(b"a" * INPUT_BACKLOG)
+        self.assertEqual(second.send_input(b"b"), "input backlog full")
+        self.assertEqual(first.input_discarded, 0)
+        self.assertEqual(second.input_discarded, 1)
 
-    def test_attached_while_running(self) -> None:
-        """A client attached while input flows is not paused."""
-        self.pty.producer.pauseProducing()
-        self.pty.producer.resumeProducing()
-        client = FakeClient()
-        attach(self.multiplexer, client)
-        self.assertEqual(client.input_events, [])
-
-    def test_repeated_calls_collapse(self) -> None:
-        """Pausing twice or resuming twice tells each client once."""
-        client = FakeClient()
-        attach(self.multiplexer, client)
-        self.pty.producer.resumeProducing()
-        self.pty.producer.pauseProducing()
-        self.pty.producer.pauseProducing()
-        self.pty.producer.resumeProducing()
-        self.pty.producer.resumeProducing()
-        self.assertEqual(client.input_events, ["pause", "resume"])
-
-    def test_detached_not_told(self) -> None:
-        """A detached client is not paused or resumed."""
-        client = FakeClient()
-        attach(self.multiplexer, client).detach()
-        self.pty.producer.pauseProducing()
-        self.pty.producer.resumeProducing()
-        self.assertEqual(client.input_events, [])
-
-    def test_output_continues_while_input_paused(self) -> None:
-        """Pausing input does not pause output."""
-        client = FakeClient()
-        attach(self.multiplexer, client)
-        self.pty.producer.pauseProducing()
+    def test_viewers_keep_receiving_output(self) -> None:
+        """A full backlog holds up nobody's output: the idle viewer still gets every byte."""
+        typist = attach(self.multiplexer, FakeClient())
+        viewer = FakeClient()
+        attach(self.multiplexer, viewer)
+        typist.send_input(b"a" * INPUT_BACKLOG)
+        typist.send_input(b"more")
         self.multiplexer.output_received(b"still here")
-        self.assertEqual(bytes(client.received), b"still here")
+        self.assertEqual(bytes(viewer.received), b"still here")
 
-    def test_stop_producing(self) -> None:
-        """The gate's stopProducing (the pty closing) tells clients nothing."""
+    def test_refusal_logged_once_per_reason(self) -> None:
+        """A stream of refused input is logged once, not once per message."""
+        attachment = attach(self.multiplexer, FakeClient())
+        attachment.send_input(b"a" * INPUT_BACKLOG)
+        with capturedLogs() as events:
+            for _ in range(5):
+                attachment.send_input(b"x")
+        [event] = events_with(events, "input discarded")
+        self.assertEqual(event["why"], "input backlog full")
+
+
+class ConsoleDownTests(SynchronousTestCase):
+    """The console going away and coming back, with the clients and history kept."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_764_619_200)  # 2025-12-01T20:00:00Z
+        self.multiplexer = Multiplexer(100, clock=self.clock)
+        self.pty = FakePty()
+        self.multiplexer.console_up(self.pty, "opened pty /dev/pts/1")
+        self.multiplexer.startService()
+
+    def test_down_then_up_keeps_clients_and_offsets(self) -> None:
+        """
+        Down: every client hears why and when, nobody is closed, input is refused as
+        "console down". Up: they hear what was opened, and output goes on at the next
+        offset on the same attachment.
+        """
+        client = FakeClient()
+        attachment = attach(self.multiplexer, client)
+        self.multiplexer.output_received(b"before ")
+        self.multiplexer.console_down("pty /dev/pts/1 hung up")
+        self.assertEqual(client.states, [(False, "pty /dev/pts/1 hung up", "2025-12-01T20:00:00Z")])
+        self.assertEqual(client.closes, [])
+        self.assertEqual(attachment.send_input(b"ls"), "console down")
+        self.assertFalse(self.multiplexer.up)
+        second = FakePty()
+        self.clock.advance(3)
+        self.multiplexer.console_up(second, "opened pty /dev/pts/2")
+        self.assertEqual(client.states[-1], (True, "opened pty /dev/pts/2", "2025-12-01T20:00:03Z"))
+        self.assertEqual(second.reading, 1)
+        self.multiplexer.output_received(b"after")
+        assert_contiguous(self, client, 0)
+        self.assertEqual(bytes(client.received), b"before after")
+        self.assertIsNone(attachment.send_input(b"ls"))
+        self.assertEqual(second.written, [b"ls"])
+        self.assertEqual(self.multiplexer.reopen_count, 1)
+
+    def test_reopen_starts_a_new_boot(self) -> None:
+        """Coming back starts a new boot: its first bytes are the new head."""
+        self.multiplexer.output_received(b"first boot")
+        self.multiplexer.console_down("gone")
+        self.multiplexer.console_up(FakePty())
+        self.assertEqual(self.multiplexer.history.head_start, 10)
+
+    def test_lost_for_good_after_down(self) -> None:
+        """A console lost for good closes everyone, even while it was down."""
         client = FakeClient()
         attach(self.multiplexer, client)
-        self.pty.producer.stopProducing()
-        self.assertEqual(client.input_events, [])
+        self.multiplexer.console_down("gone")
+        self.multiplexer.console_lost("stopped")
+        self.assertEqual([code for code, _ in client.closes], [CLOSE_CONSOLE_CLOSED])
+        device = FakePty()
+        self.multiplexer.console_up(device)
+        self.assertEqual(device.closed, 1)
+
+    def test_down_cancels_a_held_read(self) -> None:
+        """A stall timer pending when the console goes down is cancelled."""
+        client = FakeClient(limit=0)
+        attach(self.multiplexer, client)
+        self.multiplexer.output_received(b"x")  # pauses the only viewer
+        self.assertEqual(self.multiplexer.read_budget(), 0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.multiplexer.console_down("gone")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HeadReplayTests(SynchronousTestCase):
+    """A new client gets the boot's head, a skip, then the tail, each byte at its offset."""
+
+    def make(self, history_size: int = 10, head_size: int = 5) -> Multiplexer:
+        multiplexer = Multiplexer(history_size, lag_window=20, head_size=head_size)
+        multiplexer.console_up(FakePty())
+        return multiplexer
+
+    def test_head_skip_tail(self) -> None:
+        """Head [0, 5), a skip to the last 10 bytes, then those: offsets all true."""
+        multiplexer = self.make()
+        data = bytes(range(65, 65 + 50))
+        multiplexer.output_received(data)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual([e[0] for e in client.events], ["output", "skip", "output"])
+        self.assertEqual((client.chunks[0].offset, client.chunks[0].data), (0, data[:5]))
+        self.assertEqual(client.skips, [(5, 40)])
+        self.assertEqual((client.chunks[1].offset, client.chunks[1].data), (40, data[40:]))
+        self.assertEqual(client.gaps, [])
+        multiplexer.output_received(b"live")
+        self.assertEqual(client.chunks[-1].offset, 50)
+
+    def test_no_skip_when_head_meets_tail(self) -> None:
+        """A console that wrote less than head and tail together is replayed whole."""
+        multiplexer = self.make()
+        multiplexer.output_received(b"0123456789abc")
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(client.skips, [])
+        self.assertEqual(bytes(client.received), b"0123456789abc")
+
+    def test_head_off(self) -> None:
+        """With no head, a new client gets the tail alone, as before."""
+        multiplexer = self.make(head_size=0)
+        multiplexer.output_received(bytes(50))
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual((client.skips, len(client.received)), ([], 10))
+
+    def test_replay_download(self) -> None:
+        """The history download is the head, a marker line, the tail."""
+        multiplexer = self.make()
+        data = bytes(range(65, 65 + 50))
+        multiplexer.output_received(data)
+        self.assertEqual(multiplexer.replay(), data[:5] + skip_marker(35) + data[40:])
+        self.assertIn(b"[... 35 bytes not kept ...]", skip_marker(35))
+
+    def test_resume_inside_the_skipped_range(self) -> None:
+        """A resume from a byte no longer held is a "resume" gap to the next one held."""
+        multiplexer = self.make()
+        multiplexer.output_received(bytes(50))
+        client = FakeClient()
+        attach(multiplexer, client, from_offset=20)
+        self.assertEqual(client.gaps, [(20, 30, "resume")])
+        self.assertEqual(client.chunks[0].offset, 30)
+
+    def test_resume_inside_the_head(self) -> None:
+        """A resume inside the head gets the rest of it, the skip, then the tail."""
+        multiplexer = self.make()
+        multiplexer.output_received(bytes(range(50)))
+        client = FakeClient()
+        attach(multiplexer, client, from_offset=3)
+        self.assertEqual(client.chunks[0].offset, 3)
+        self.assertEqual(client.skips, [(5, 40)])
+
+    def test_head_reader_does_not_hold_the_guest(self) -> None:
+        """A viewer paused while it is sent the head does not hold up reading."""
+        multiplexer = Multiplexer(10, lag_window=20, head_size=5)
+        multiplexer.console_up(FakePty())
+        multiplexer.output_received(bytes(50))
+        live = FakeClient()
+        attach(multiplexer, live)
+        slow = FakeClient(limit=0)
+        attach(multiplexer, slow)
+        self.assertEqual(slow.chunks[0].offset, 0)
+        self.assertGreater(multiplexer.read_budget(), 0)
 
 
 class ConsoleLostTests(SynchronousTestCase):
@@ -903,7 +1031,7 @@ class ServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.multiplexer = Multiplexer(100)
         self.pty = FakePty()
-        self.multiplexer.connect_pty(self.pty)
+        self.multiplexer.console_up(self.pty)
 
     def test_start_reads(self) -> None:
         """Starting the service starts reading the pty."""
@@ -944,6 +1072,41 @@ class ServiceTests(SynchronousTestCase):
         done = self.multiplexer.stopService()
         self.assertEqual(self.pty.closed, 1)
         self.successResultOf(done)
+
+    def test_log_closed_after_the_console(self) -> None:
+        """
+        Stopping closes the viewers, then the console, and only then the clients that
+        are not viewers (the log file): output read during the close handshakes still
+        reaches it.
+        """
+        self.multiplexer.startService()
+        viewer = FakeClient()
+        attach(self.multiplexer, viewer)
+        sink = FakeClient()
+        attach(self.multiplexer, sink, viewer=False)
+        done = self.multiplexer.stopService()
+        self.assertEqual(len(viewer.closes), 1)
+        self.assertEqual(sink.closes, [])
+        self.multiplexer.output_received(b"said during the close handshake")
+        self.assertEqual(bytes(sink.received), b"said during the close handshake")
+        viewer.close_results[0].callback(None)
+        self.assertEqual(self.pty.closed, 1)
+        self.assertEqual(len(sink.closes), 1)
+        sink.close_results[0].callback(None)
+        self.successResultOf(done)
+
+    def test_stop_cancels_stall_timer(self) -> None:
+        """A stall timer pending at shutdown is cancelled, not left to fire later."""
+        clock = Clock()
+        multiplexer = Multiplexer(100, clock=clock)
+        multiplexer.console_up(FakePty())
+        multiplexer.startService()
+        attach(multiplexer, FakeClient(limit=0))
+        multiplexer.output_received(b"x")
+        self.assertEqual(multiplexer.read_budget(), 0)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        multiplexer.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_stop_when_client_close_fails(self) -> None:
         """A client whose close fails does not keep the pty open or fail the stop."""

@@ -14,6 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloud_console.cli import CommandLineError, positional_to_options
+from cloud_console.follow import ConsoleFollower
 from cloud_console.service import ConsoleService, StartupError, build_service
 from cloud_console.tap import DEFAULT_PORT, Options
 from cloud_console.websocket import ConsoleServerFactory
@@ -113,12 +114,18 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIs(site, console.site)
         self.assertIsInstance(console.websocket_factory, ConsoleServerFactory)
 
-    def test_multiplexer_first(self) -> None:
-        """The multiplexer is the first child, so it stops last (after the ports)."""
+    def test_service_order(self) -> None:
+        """
+        Services stop in reverse order: the ports first, then the multiplexer (the
+        clients, then the console), and the log sink last, so it still logs what the
+        console says while the clients close.
+        """
         console = build_service(parse("--pty", self.path, "--log-file", self.mktemp()), self.reactor)
         children = list(console)
-        self.assertIs(children[0], console.multiplexer)
-        self.assertIs(children[1], console.log_sink)
+        self.assertIs(children[0], console.log_sink)
+        self.assertIs(children[1], console.multiplexer)
+        self.assertIsInstance(children[2], ConsoleFollower)
+        self.assertNotIn(console.log_sink, children[3:])
 
     def test_bad_pty(self) -> None:
         """A pty that cannot be opened is a StartupError naming it."""
@@ -143,7 +150,7 @@ class PositionalTests(SynchronousTestCase):
         """PTY IP PORT LOG becomes --pty/--port/--log-file."""
         self.assertEqual(
             positional_to_options(["/dev/pts/7", "10.0.0.1", "8080", "/tmp/c.log"]),
-            ["--pty", "/dev/pts/7", "--port", "tcp:port=8080:interface=10.0.0.1",
+            ["--console", "/dev/pts/7", "--port", "tcp:port=8080:interface=10.0.0.1",
              "--log-file", "/tmp/c.log"],
         )
 
@@ -157,7 +164,7 @@ class PositionalTests(SynchronousTestCase):
     def test_options_mixed_in(self) -> None:
         """Options may come before, between or after the positional arguments."""
         rewritten = positional_to_options(["--history-size", "10", "/dev/pts/7", "--no-raw", "127.0.0.1", "80"])
-        self.assertEqual(rewritten[:4], ["--pty", "/dev/pts/7", "--port", "tcp:port=80:interface=127.0.0.1"])
+        self.assertEqual(rewritten[:4], ["--console", "/dev/pts/7", "--port", "tcp:port=80:interface=127.0.0.1"])
         self.assertEqual(rewritten[4:], ["--history-size", "10", "--no-raw"])
 
     def test_errors(self) -> None:

@@ -12,7 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.multiplexer import Multiplexer
+from cloud_console.multiplexer import INPUT_BACKLOG, Multiplexer
 from cloud_console.web import build_site
 from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
 
@@ -41,7 +41,7 @@ class SiteTestCase(SynchronousTestCase):
         self.reactor = use_memory_reactor(self)
         self.multiplexer = Multiplexer(self.history_size)
         self.pty = FakePty()
-        self.multiplexer.connect_pty(self.pty)
+        self.multiplexer.console_up(self.pty)
         self.settings = ConsoleSettings(title="test console", client_buffer=4096, ack_window=2000)
         self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
         # HTTP channel timeouts go on the memory reactor, not the global one.
@@ -163,16 +163,22 @@ class OriginalProtocolTests(SiteTestCase):
         self.assertEqual(frames[-1].close_code, 4001)
         self.assertIn("hung up", frames[-1].close_reason)
 
-    def test_input_paused_when_pty_backlogged(self) -> None:
-        """The pty's input gate stops reading from every client, and resumes them."""
-        client = self.client()
-        self.pty.producer.pauseProducing()
-        self.assertEqual(client.transport.producerState, "paused")
-        late = self.client()
-        self.assertEqual(late.transport.producerState, "paused")
-        self.pty.producer.resumeProducing()
-        self.assertEqual(client.transport.producerState, "producing")
-        self.assertEqual(late.transport.producerState, "producing")
+    def test_guest_not_reading_pauses_nobody(self) -> None:
+        """
+        A guest that does not read its input never pauses a connection: the typist's
+        excess is refused, and both the typist and an idle viewer keep being read (their
+        pongs, acks and close frames flow) and keep receiving output.
+        """
+        typist = self.client()
+        viewer = self.client()
+        self.pty.pending_input = INPUT_BACKLOG
+        typist.send(OP_BINARY, b"more")
+        self.assertEqual(bytes(self.pty.written), b"")
+        self.assertEqual(typist.protocol.attachment.input_discarded, 4)
+        for client in (typist, viewer):
+            self.assertEqual(client.transport.producerState, "producing")
+        self.multiplexer.output_received(b"output")
+        self.assertEqual(viewer.output(), b"output")
 
     def test_oversize_message_refused(self) -> None:
         """An input message over the limit closes the connection; nothing reaches the pty."""
@@ -360,7 +366,7 @@ class V1ProtocolTests(SiteTestCase):
         client.send(OP_BINARY, b"rm -rf /")
         self.assertEqual(bytes(self.pty.written), b"")
         events = v1_events(client.frames())
-        self.assertEqual(events, [{"type": "input-discarded", "bytes": 8}])
+        self.assertEqual(events, [{"type": "input-discarded", "bytes": 8, "reason": "read-only"}])
 
 
 class SiteTests(SiteTestCase):
