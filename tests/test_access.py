@@ -143,7 +143,7 @@ class GateTestCase(SynchronousTestCase):
         self.reactor = use_memory_reactor(self)
         self.multiplexer = Multiplexer(1000)
         self.pty = FakePty()
-        self.multiplexer.connect_pty(self.pty)
+        self.multiplexer.console_up(self.pty)
         self.password = self.mktemp()
         with open(self.password, "w") as f:
             f.write(f"alice:{hash_password('wonderland', FAST)}\n")

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from cloud_console.multiplexer import Chunk, IConsoleClient, Multiplexer
-from cloud_console.ptydevice import READ_PER_TURN, PtyDevice
+from cloud_console.device import READ_PER_TURN, ConsoleDevice
 
 from .helpers import FakePty
 
@@ -70,7 +70,7 @@ class PacingTests(SynchronousTestCase):
         self.clock = Clock()
         self.multiplexer = Multiplexer(1000, clock=self.clock, max_stall=0.1)
         self.pty = ReadingPty()
-        self.multiplexer.connect_pty(self.pty)
+        self.multiplexer.console_up(self.pty)
         self.multiplexer.startService()
         self.assertTrue(self.pty.reading)
 
@@ -182,8 +182,8 @@ class PacingTests(SynchronousTestCase):
         self.assertFalse(stuck.paces)
 
 
-class PtyDeviceBudgetTests(SynchronousTestCase):
-    """PtyDevice reads no more than its budget, and stops reading at 0."""
+class ConsoleDeviceBudgetTests(SynchronousTestCase):
+    """ConsoleDevice reads no more than its budget, and stops reading at 0."""
 
     def setUp(self) -> None:
         master, slave = os.openpty()
@@ -193,7 +193,7 @@ class PtyDeviceBudgetTests(SynchronousTestCase):
         self.budget = READ_PER_TURN
         self.output: list[bytes] = []
         self.reactor = MemoryReactorClock()
-        self.device = PtyDevice.open(
+        self.device = ConsoleDevice.open(
             os.ttyname(slave), True, self.output.append, lambda why: None,
             self.reactor, read_budget=lambda: self.budget,
         )

@@ -138,7 +138,7 @@ class ResumePropertyTests(SynchronousTestCase):
         """
         reactor = use_memory_reactor(self)
         self.multiplexer = Multiplexer(history)
-        self.multiplexer.connect_pty(FakePty())
+        self.multiplexer.console_up(FakePty())
         site_settings = ConsoleSettings(ack_window=window)
         self.site, _ = build_site(self.multiplexer, site_settings, "/nonexistent")
         self.site.reactor = reactor
