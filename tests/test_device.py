@@ -262,3 +262,52 @@ class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
         self.assertEqual(lost, [])
         self.assertEqual(termios.tcgetattr(master), before)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class PendingInputTests(PtyPairMixin, SynchronousTestCase):
+    """L{ConsoleDevice.pending_input}: what the guest has not taken yet, exactly."""
+
+    def test_counts_down_as_the_guest_reads(self) -> None:
+        """Written input is pending until the descriptor takes it."""
+        master, path = self.make_pair()
+        reactor = MemoryReactorClock()
+        device = ConsoleDevice.open(path, True, lambda data: None, lambda why: None, reactor)
+        self.addCleanup(device.close)
+        device.write(b"abc")
+        device.write(b"de")
+        self.assertEqual(device.pending_input, 5)
+        device.doWrite()
+        self.assertEqual(device.pending_input, 0)
+        self.assertEqual(read_all(master), b"abcde")
+
+
+class ConnectUnixTests(SynchronousTestCase):
+    """L{connect_unix}: a VMM's console socket."""
+
+    def test_connects(self) -> None:
+        """A listening socket is connected; the descriptor is non-blocking."""
+        import socket
+
+        from cloud_console.device import connect_unix
+
+        path = self.mktemp()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(1)
+        fd = connect_unix(path)
+        self.addCleanup(os.close, fd)
+        self.assertFalse(os.get_blocking(fd))
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        os.write(fd, b"hi")
+        self.assertEqual(peer.recv(10), b"hi")
+
+    def test_nothing_listening(self) -> None:
+        """No socket there: a ConsoleOpenError naming the path and the reason."""
+        from cloud_console.device import connect_unix
+
+        path = self.mktemp()
+        e = self.assertRaises(ConsoleOpenError, connect_unix, path)
+        self.assertIn(path, str(e))
+        self.assertIn("No such file", str(e))

@@ -18,6 +18,8 @@ from zope.interface.verify import verifyObject
 from cloud_console.logfile import LogFileError, LogFileSink
 from cloud_console.multiplexer import Chunk, IConsoleClient, Multiplexer
 
+from .helpers import FakePty
+
 
 def events_with(events: Sequence[LogEvent], fragment: str) -> list[LogEvent]:
     """The captured events whose format string contains C{fragment}."""
@@ -343,3 +345,29 @@ class CloseTests(LogFileTestCase):
         sink.close(1001, "bye")
         sink.output(Chunk(0, b"late"))
         self.assertEqual(read(self.path), b"")
+
+
+class ConsoleStateMarkerTests(LogFileTestCase):
+    """One timestamped marker line per console down and up, on a line of its own."""
+
+    def test_markers(self) -> None:
+        """
+        Down and up each add one conserver-style line with the reason and the time; a
+        marker after a partial line starts a new line first; the output is unchanged.
+        """
+        self.make_sink()
+        self.multiplexer.output_received(b"login: ")
+        self.multiplexer.console_down("pty /dev/pts/3 hung up")
+        self.multiplexer.console_up(FakePty(), "opened pty /dev/pts/4")
+        self.multiplexer.output_received(b"Linux version\r\n")
+        self.multiplexer.console_down("pty /dev/pts/4 hung up")
+        lines = read(self.path).split(b"\r\n")
+        self.assertEqual(lines[0], b"login: ")
+        self.assertRegex(
+            lines[1].decode(),
+            r"^\[-- console down: pty /dev/pts/3 hung up -- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ --\]$",
+        )
+        self.assertRegex(lines[2].decode(), r"^\[-- console up: opened pty /dev/pts/4 -- .*Z --\]$")
+        self.assertEqual(lines[3], b"Linux version")
+        self.assertRegex(lines[4].decode(), r"^\[-- console down: pty /dev/pts/4 hung up -- ")
+        self.assertEqual(lines[5:], [b""])

@@ -90,6 +90,61 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsInstance(makers["cloudconsole"].options(), Options)
 
 
+
+class ConsoleOptionTests(SynchronousTestCase):
+    """--console SOURCE, --pty, --reopen, --head-size and --ping-interval."""
+
+    def test_console_forms(self) -> None:
+        """Every SOURCE form parses into its source; the title defaults to the SOURCE."""
+        for text in ("/dev/pts/7", "pty:/run/vm1.console", "unix:/run/vm1.serial",
+                     "cloud-hypervisor:/run/ch.sock", "qmp:/run/vm1.qmp:chardev=serial1"):
+            options = parse("--console", text)
+            self.assertEqual(str(options["source"]), text)
+            self.assertEqual(options["title"], text)
+
+    def test_pty_is_a_synonym(self) -> None:
+        """--pty PATH is --console pty:PATH; giving both is a mistake."""
+        self.assertEqual(str(parse("--pty", "/dev/pts/7")["source"]), "/dev/pts/7")
+        e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/7", "--console", "/dev/pts/8")
+        self.assertIn("not both", str(e))
+
+    def test_console_required(self) -> None:
+        """Without a console the usage error says how to name one."""
+        e = self.assertRaises(UsageError, parse)
+        self.assertIn("--console SOURCE", str(e))
+
+    def test_unknown_scheme(self) -> None:
+        """An unknown SOURCE form is a usage error listing the accepted ones."""
+        e = self.assertRaises(UsageError, parse, "--console", "tcp:localhost:4555")
+        for form in ("pty:", "unix:", "cloud-hypervisor:", "qmp:"):
+            self.assertIn(form, str(e))
+
+    def test_reopen_refused_on_a_numbered_pty(self) -> None:
+        """--reopen on a bare /dev/pts/N is refused, with the reason."""
+        e = self.assertRaises(UsageError, parse, "--console", "/dev/pts/7", "--reopen")
+        self.assertIn("another VM", str(e))
+        self.assertTrue(parse("--console", "pty:/run/vm1.console", "--reopen")["reopen"])
+        self.assertTrue(parse("--console", "qmp:/run/vm1.qmp", "--reopen")["reopen"])
+
+    def test_head_size(self) -> None:
+        """--head-size defaults to 256 KiB; 0 turns it off; negative is refused."""
+        self.assertEqual(parse("--pty", "/dev/pts/7")["head-size"], 256 * 1024)
+        self.assertEqual(parse("--pty", "/dev/pts/7", "--head-size", "0")["head-size"], 0)
+        self.assertRaises(UsageError, parse, "--pty", "/dev/pts/7", "--head-size", "-1")
+        self.assertRaises(UsageError, parse, "--pty", "/dev/pts/7", "--head-size", "lots")
+
+    def test_ping_interval(self) -> None:
+        """--ping-interval defaults to 30 s and must be more than 0."""
+        self.assertEqual(parse("--pty", "/dev/pts/7")["ping-interval"], 30.0)
+        self.assertEqual(parse("--pty", "/dev/pts/7", "--ping-interval", "0.5")["ping-interval"], 0.5)
+        self.assertRaises(UsageError, parse, "--pty", "/dev/pts/7", "--ping-interval", "0")
+
+    def test_positional_source(self) -> None:
+        """The positional path_to_pty may be any SOURCE."""
+        rewritten = positional_to_options(["qmp:/run/vm1.qmp", "127.0.0.1", "8080", "--reopen"])
+        self.assertEqual(rewritten[:2], ["--console", "qmp:/run/vm1.qmp"])
+        self.assertIn("--reopen", rewritten)
+
 class BuildServiceTests(SynchronousTestCase):
     """build_service wires the console on any reactor."""
 
@@ -126,6 +181,24 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIs(children[1], console.multiplexer)
         self.assertIsInstance(children[2], ConsoleFollower)
         self.assertNotIn(console.log_sink, children[3:])
+
+    def test_reopen_waits_for_a_missing_console(self) -> None:
+        """
+        With --reopen, a console that is not there yet is no start-up error: the
+        service starts with it down, retrying; without, it is a StartupError.
+        """
+        missing = os.path.join(self.mktemp(), "vm1.console")
+        self.assertRaises(StartupError, build_service, parse("--console", missing), self.reactor)
+        console = build_service(parse("--console", missing, "--reopen"), self.reactor)
+        console.startService()
+        self.addCleanup(console.stopService)
+        self.assertFalse(console.multiplexer.up)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+
+    def test_head_size_reaches_the_history(self) -> None:
+        """--head-size sets the history's head."""
+        console = build_service(parse("--pty", self.path, "--head-size", "123"), self.reactor)
+        self.assertEqual(console.multiplexer.history.head_size, 123)
 
     def test_bad_pty(self) -> None:
         """A pty that cannot be opened is a StartupError naming it."""

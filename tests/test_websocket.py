@@ -12,7 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.multiplexer import INPUT_BACKLOG, Multiplexer
+from cloud_console.multiplexer import INPUT_BACKLOG, Multiplexer, skip_marker
 from cloud_console.web import build_site
 from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
 
@@ -477,3 +477,85 @@ class KeepaliveTests(SiteTestCase):
         self.assertFalse(client.transport.disconnecting)
         self.reactor.advance(1)
         self.assertTrue(client.transport.disconnecting)
+
+
+class HeadAndConsoleStateTests(SynchronousTestCase):
+    """The boot's head with its skip, and the console going down and up, on the wire."""
+
+    def setUp(self) -> None:
+        self.reactor = use_memory_reactor(self)
+        self.multiplexer = Multiplexer(10, lag_window=20, head_size=5)
+        self.pty = FakePty()
+        self.multiplexer.console_up(self.pty)
+        settings = ConsoleSettings(title="t", client_buffer=4096, ack_window=2000)
+        self.site, self.factory = build_site(self.multiplexer, settings, self.mktemp())
+        self.site.reactor = self.reactor
+        self._ports = iter(range(40000, 50000))
+
+    def client(self, **upgrade: Any) -> WebClient:
+        client = WebClient(self.site, next(self._ports))
+        self.assertIn(b"101 Switching Protocols", client.upgrade(**upgrade))
+        return client
+
+    def test_v1_head_skip_tail(self) -> None:
+        """
+        v1: the head at offset 0, a skip message naming [5, 40), then the tail at 40;
+        no gap, and the skipped bytes do not count against the ack window.
+        """
+        data = bytes(range(65, 115))
+        self.multiplexer.output_received(data)
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        frames = client.frames()
+        self.assertEqual(frames[0].json()["offset"], 0)
+        kinds = [(f.json()["type"] if f.opcode == OP_TEXT else "binary") for f in frames[1:]]
+        self.assertEqual(kinds[-3:], ["binary", "skip", "binary"])
+        head, skip, tail = frames[-3:]
+        self.assertEqual(head.payload, struct.pack("!Q", 0) + data[:5])
+        self.assertEqual(skip.json(), {"type": "skip", "from": 5, "to": 40, "bytes": 35})
+        self.assertEqual(tail.payload, struct.pack("!Q", 40) + data[40:])
+        protocol = client.protocol
+        self.assertEqual(protocol._unacknowledged(protocol.attachment), 15)
+
+    def test_original_protocol_gets_a_marker_line(self) -> None:
+        """The original protocol has only bytes: a marker line stands for the skip."""
+        data = bytes(range(65, 115))
+        self.multiplexer.output_received(data)
+        client = self.client()
+        self.assertEqual(client.output(), data[:5] + skip_marker(35) + data[40:])
+
+    def test_console_down_and_up_events(self) -> None:
+        """v1 clients hear the console go down and come back; the connection stays."""
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        client.frames()
+        self.multiplexer.console_down("pty /dev/pts/3 hung up")
+        [event] = v1_events(client.frames())
+        self.assertEqual(
+            (event["type"], event["state"], event["reason"]),
+            ("console", "down", "pty /dev/pts/3 hung up"),
+        )
+        self.assertRegex(event["since"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        client.send(OP_BINARY, b"ls\r")
+        self.assertEqual(
+            v1_events(client.frames()),
+            [{"type": "input-discarded", "bytes": 3, "reason": "console down"}],
+        )
+        self.multiplexer.console_up(FakePty(), "opened pty /dev/pts/4")
+        [event] = v1_events(client.frames())
+        self.assertEqual((event["state"], event["reason"]), ("up", "opened pty /dev/pts/4"))
+        self.multiplexer.output_received(b"back")
+        [frame] = client.frames()
+        self.assertEqual(frame.payload, struct.pack("!Q", 0) + b"back")
+
+    def test_down_message_right_after_hello(self) -> None:
+        """A client connecting while the console is down hears so right after hello."""
+        self.multiplexer.console_down("waiting for qmp:/run/vm.qmp")
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        events = v1_events(client.frames())
+        self.assertEqual(events[0]["type"], "hello")
+        self.assertEqual((events[1]["type"], events[1]["state"]), ("console", "down"))
+
+    def test_ping_interval(self) -> None:
+        """--ping-interval S pings every S seconds and drops a peer silent for 2 S."""
+        settings = ConsoleSettings(ping_interval=1.5)
+        self.site, factory = build_site(self.multiplexer, settings, self.mktemp())
+        self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (1.5, 3.0))
