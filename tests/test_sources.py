@@ -291,7 +291,11 @@ class CloudHypervisorTests(SynchronousTestCase):
         A peer that answers something other than HTTP.
         """
         path = os.path.join(self.directory, "nothttp.sock")
-        server = _ScriptedServer(path, lambda conn: conn.sendall(b"SSH-2.0-OpenSSH\r\n"))
+        def script(conn: socket.socket) -> None:
+            conn.recv(65536)  # the request first, so the client's send cannot hit EPIPE
+            conn.sendall(b"SSH-2.0-OpenSSH\r\n")
+
+        server = _ScriptedServer(path, script)
         self.addCleanup(server.stop)
         self.source = parse_source("cloud-hypervisor:" + path)
         self.assertSourceError("did not answer in HTTP")
