@@ -54,9 +54,10 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 #: anyone allocates, so reopening it could attach to another VM or a user's terminal.
 _NUMBERED_PTY = re.compile(r"/dev/pts/[0-9]+")
 
-#: cloud-hypervisor states in which the serial device exists (the VM has been booted
-#: and not shut down). C{BreakPoint} is a guest stopped in the gdb stub.
-_CH_LIVE_STATES = ("Running", "Paused", "BreakPoint")
+#: cloud-hypervisor states in which the serial device may exist. C{Created} included:
+#: current releases make the pty at vm.create, and holding it before vm.boot is how the
+#: boot's very first bytes are kept. C{BreakPoint} is a guest stopped in the gdb stub.
+_CH_LIVE_STATES = ("Created", "Running", "Paused", "BreakPoint")
 
 #: Answers larger than this are not a vm.info or a QMP reply: refuse rather than buffer.
 _MAX_ANSWER = 1 << 20

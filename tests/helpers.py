@@ -1,5 +1,6 @@
 """
-Shared test helpers: WebSocket framing by hand, and a site on a StringTransport.
+Shared test helpers: WebSocket framing by hand, a site on a StringTransport, and a real
+cloud-console.v1 client.
 
 Frames are built and parsed here, independently of Autobahn, so the tests check what goes
 over the wire rather than what the library under test believes it sent.
@@ -15,10 +16,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -252,3 +256,100 @@ def use_memory_reactor(test: SynchronousTestCase) -> MemoryReactorClock:
     txaio.config.loop = reactor
     test.addCleanup(setattr, txaio.config, "loop", previous)
     return reactor
+
+
+class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
+    """
+    A real cloud-console.v1 client (Autobahn): reassembles the output stream by offset,
+    acknowledges it as a page would, records every event, and fires Deferreds when a
+    condition on what it has holds (never a sleep).
+
+    @ivar stream: the output bytes, from C{first_offset} on, with skipped ranges left
+        out; C{offsets} is where each received message started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = bytearray()
+        self.first_offset: int | None = None
+        self.next_offset: int | None = None
+        self.events: list[dict[str, Any]] = []
+        self.offsets: list[int] = []
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self.close_status: tuple[int | None, str | None] | None = None
+        self._waiters: list[tuple[Callable[[V1Client], bool], Deferred[None]]] = []
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            (offset,) = struct.unpack("!Q", payload[:8])
+            if self.first_offset is None:
+                self.first_offset = offset
+            if self.next_offset is not None and offset != self.next_offset:
+                raise AssertionError(f"output at {offset}, expected {self.next_offset}")
+            self.offsets.append(offset)
+            self.stream += payload[8:]
+            self.next_offset = offset + len(payload) - 8
+            self.sendMessage(json.dumps({"type": "ack", "offset": self.next_offset}).encode())
+        else:
+            event = json.loads(payload)
+            self.events.append(event)
+            if event["type"] == "hello":
+                self.next_offset = event["offset"]
+            elif event["type"] in ("skip", "gap") and event.get("to") is not None:
+                self.next_offset = event["to"]
+        self._check()
+
+    def text(self) -> str:
+        """The output so far, decoded leniently (for searching a guest's messages)."""
+        return self.stream.decode("utf-8", "replace")
+
+    def events_of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def wait_for(self, condition: Callable[[V1Client], bool]) -> Deferred[None]:
+        """Fires once C{condition(self)} holds; fails if the connection closes first."""
+        d: Deferred[None] = Deferred()
+        if condition(self):
+            d.callback(None)
+        elif self.close_status is not None:
+            d.errback(AssertionError(f"closed {self.close_status} before the condition held"))
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def wait_text(self, needle: str) -> Deferred[None]:
+        return self.wait_for(lambda client: needle in client.text())
+
+    def _check(self) -> None:
+        for waiter in [w for w in self._waiters if w[0](self)]:
+            self._waiters.remove(waiter)
+            waiter[1].callback(None)
+
+    def type(self, data: bytes) -> None:
+        """Input, as the page sends it (a binary message)."""
+        self.sendMessage(data, isBinary=True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_status = (code, reason)
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(AssertionError(f"closed ({code}, {reason!r}) while waiting"))
+        if not self.opened.called:
+            self.opened.errback(AssertionError(f"not opened: {code} {reason}"))
+        self.closed.callback((code, reason))
+
+
+async def connect_v1(port: int, path: str = "/ws") -> V1Client:
+    """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port}."""
+    from twisted.internet import reactor
+
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"])
+    factory.protocol = V1Client
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    client: V1Client = await endpoint.connect(factory)
+    await client.opened
+    return client
