@@ -3,6 +3,9 @@
 #
 # Sets up everything a fresh machine needs, then runs the whole suite with trial:
 #   - Debian's chromium for the browser tests (apt-get, only where it is missing);
+#   - for the real-guest tests (tests/guest.py): Debian's qemu-system-x86 and busybox-static
+#     (only where missing), and Debian's cloud kernel, fetched with apt-get download and
+#     unpacked with dpkg-deb -x (no maintainer scripts) into a cache outside the checkout;
 #   - a virtual environment in .venv with the package (its build runs the frontend build
 #     with npm from the npm registry) and the test dependencies from PyPI;
 #   - trial over tests/, then mypy over the package.
@@ -10,13 +13,57 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+apt_updated=""
+apt_update() {  # at most once per run, shared by the steps below
+    [ -n "$apt_updated" ] || $sudo apt-get update -qq
+    apt_updated=1
+}
+
 if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
     echo "== installing Debian's chromium for the browser tests"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
+    apt_update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
+
+guest_packages=""
+command -v qemu-system-x86_64 >/dev/null 2>&1 || guest_packages="qemu-system-x86"
+[ -x /bin/busybox ] || guest_packages="$guest_packages busybox-static"
+if [ -n "$guest_packages" ]; then
+    echo "== installing Debian's$guest_packages for the real-guest tests"
+    apt_update
+    # shellcheck disable=SC2086  # the list is word-split on purpose
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $guest_packages >/dev/null
+fi
+
+# The guest kernel: the package linux-image-cloud-amd64 currently depends on (26 MB
+# download against 70 MB for linux-image-amd64; it has the 8250 serial console, devtmpfs
+# and gzip initramfs built in, which is all the busybox guest needs). Only its vmlinuz is
+# kept, under the package's name, with a "vmlinuz" symlink that tests/guest.py reads.
+guest_cache="${CLOUD_CONSOLE_GUEST_CACHE:-$HOME/.cache/cloud-console/guest}"
+kernel_package() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }'
+}
+kernel=$(kernel_package)
+if [ -z "$kernel" ]; then apt_update; kernel=$(kernel_package); fi
+[ -n "$kernel" ] || { echo "no package found for linux-image-cloud-amd64" >&2; exit 1; }
+if [ ! -f "$guest_cache/$kernel/vmlinuz" ]; then
+    echo "== fetching Debian's $kernel into $guest_cache for the real-guest tests"
+    apt_update
+    # In $TMPDIR, not the cache: as root, apt-get download fetches as the _apt user, who
+    # must reach the directory (root's $HOME is private).
+    unpack=$(mktemp -d)
+    [ "$(id -u)" -ne 0 ] || chown _apt "$unpack" 2>/dev/null || true
+    (cd "$unpack" && apt-get download -qq "$kernel")
+    dpkg-deb -x "$unpack/${kernel}_"*.deb "$unpack/root"
+    mkdir -p "$guest_cache/$kernel"
+    cp "$unpack/root/boot/vmlinuz-"* "$guest_cache/$kernel/vmlinuz.part"
+    mv "$guest_cache/$kernel/vmlinuz.part" "$guest_cache/$kernel/vmlinuz"
+    rm -rf "$unpack"
+fi
+ln -sfn "$kernel/vmlinuz" "$guest_cache/vmlinuz"
 
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
