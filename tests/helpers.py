@@ -275,6 +275,8 @@ class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
         self.next_offset: int | None = None
         self.events: list[dict[str, Any]] = []
         self.offsets: list[int] = []
+        self.pings = 0
+        self.pongs: list[bytes] = []
         self.opened: Deferred[None] = Deferred()
         self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
         self.close_status: tuple[int | None, str | None] | None = None
@@ -301,6 +303,17 @@ class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
                 self.next_offset = event["offset"]
             elif event["type"] in ("skip", "gap") and event.get("to") is not None:
                 self.next_offset = event["to"]
+        self._check()
+
+    def onPing(self, payload: bytes) -> None:
+        """The server's keep-alive: counted (time passing, as an event), then answered."""
+        self.pings += 1
+        super().onPing(payload)
+        self._check()
+
+    def onPong(self, payload: bytes) -> None:
+        """The answer to L{sendPing}: the server has handled every frame sent before."""
+        self.pongs.append(payload)
         self._check()
 
     def text(self) -> str:
