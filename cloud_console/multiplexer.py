@@ -574,17 +574,20 @@ class Multiplexer(Service):
             cursor = attachment.cursor
             end = history.end
             if cursor >= end:
+                attachment.in_head = False  # live now: it gets every byte as it comes
                 if not attachment.paces and attachment.viewer:
                     attachment.paces = True  # caught up: the guest may wait for it again
                 return
+            if attachment.in_head and cursor >= history.head_end:
+                # The head was sent: on to the tail, past what is not replayed.
+                attachment.in_head = False
+                tail_start = max(history.next_held(cursor), self.tail_start)
+                if cursor < tail_start:
+                    attachment.cursor = tail_start
+                    attachment.client.skip(cursor, tail_start)
+                continue
             if not history.holds(cursor):
                 following = history.next_held(cursor)
-                if attachment.in_head and cursor == history.head_end:
-                    # The head was sent: on to the tail, past what is not replayed.
-                    attachment.in_head = False
-                    attachment.cursor = max(following, self.tail_start)
-                    attachment.client.skip(cursor, attachment.cursor)
-                    continue
                 self._log.warn(
                     "client fell {lost} bytes behind the history (offset {offset}, "
                     "the next byte held is at {start})",
@@ -598,10 +601,11 @@ class Multiplexer(Service):
                     self.detach(attachment)
                     return
                 continue
-            data = history.read_from(cursor, CATCH_UP_STEP)
+            limit = CATCH_UP_STEP
+            if attachment.in_head:
+                limit = min(limit, history.head_end - cursor)
+            data = history.read_from(cursor, limit)
             attachment.cursor = cursor + len(data)
-            if attachment.in_head and attachment.cursor >= history.start:
-                attachment.in_head = False  # the head ran into the ring: no skip
             attachment.client.output(Chunk(cursor, data))
 
     def input_received(self, attachment: Attachment, data: bytes) -> str | None:

@@ -1117,3 +1117,32 @@ class ServiceTests(SynchronousTestCase):
         client.close_results[0].errback(RuntimeError("boom"))
         self.assertEqual(self.pty.closed, 1)
         self.successResultOf(done)
+
+
+class HeadWithinTheRingTests(SynchronousTestCase):
+    """The ring (the lag window) may still hold the middle: a new client skips it anyway."""
+
+    def test_skip_bytes_still_in_the_ring(self) -> None:
+        """
+        With a large ring, head, skip and the last history_size bytes are sent, not
+        everything the ring holds.
+        """
+        multiplexer = Multiplexer(10, lag_window=1000, head_size=5)
+        multiplexer.console_up(FakePty())
+        data = bytes(range(50))
+        multiplexer.output_received(data)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(client.skips, [(5, 40)])
+        self.assertEqual(bytes(client.received), data[:5] + data[40:])
+        self.assertEqual(multiplexer.replay(), data[:5] + skip_marker(35) + data[40:])
+
+    def test_live_output_after_the_head(self) -> None:
+        """A head still being written reaches a client attached mid-head, then live output."""
+        multiplexer = Multiplexer(10, lag_window=1000, head_size=100)
+        multiplexer.console_up(FakePty())
+        multiplexer.output_received(b"abc")
+        client = FakeClient()
+        attach(multiplexer, client)
+        multiplexer.output_received(b"def")
+        self.assertEqual((bytes(client.received), client.skips), (b"abcdef", []))
