@@ -380,8 +380,8 @@ def numbered_lines(count: int, start: int = 0, label: str = "line") -> Iterator[
         yield f"{label} {n:07d} " + "abcdefghijklmnopqrstuvwxyz"[: n % 27] + "."
 
 
-class BrowserTests(SynchronousTestCase):
-    """The page, served by cloud-console, in headless Chromium."""
+class BrowserHarness(SynchronousTestCase):
+    """Headless Chromium, a scratch directory, and pages watched for errors."""
 
     def setUp(self) -> None:
         if not have_playwright:
@@ -390,16 +390,13 @@ class BrowserTests(SynchronousTestCase):
             raise SkipTest(f"{CHROMIUM} is missing (apt-get install chromium)")
         self.tmp = Path(self.mktemp()).resolve()
         self.tmp.mkdir(parents=True)
-        self.guest = Guest()
-        self.addCleanup(self.guest.hang_up)
         self._context: BrowserContext | None = None
 
     # -- fixtures ------------------------------------------------------------------------
 
-    def start_server(self, *options: str, port: int | None = None) -> ConsoleServer:
-        server = ConsoleServer(
-            self.guest.path, port or free_port(), self.tmp / "server.log", *options
-        )
+    def serve(self, source: str, *options: str, port: int | None = None) -> ConsoleServer:
+        """A cloud-console process serving C{source}, stopped at the end."""
+        server = ConsoleServer(source, port or free_port(), self.tmp / "server.log", *options)
         server.start()
         self.addCleanup(server.stop)
         return server
@@ -447,6 +444,18 @@ class BrowserTests(SynchronousTestCase):
     @staticmethod
     def url(server: ConsoleServer) -> str:
         return f"http://127.0.0.1:{server.port}/"
+
+
+class BrowserTests(BrowserHarness):
+    """The page, served by cloud-console, in headless Chromium."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.guest = Guest()
+        self.addCleanup(self.guest.hang_up)
+
+    def start_server(self, *options: str, port: int | None = None) -> ConsoleServer:
+        return self.serve(self.guest.path, *options, port=port)
 
     # -- tests ---------------------------------------------------------------------------
 
