@@ -211,8 +211,8 @@ class ConsoleProcessTests(TestCase):
         self.assertIn(b"exiting with status 2", server.stderr)
 
     async def test_history_capped(self) -> None:
-        """A new client gets exactly the last --history-size bytes."""
-        await self.start_server("--history-size", "1000")
+        """With the head off, a new client gets exactly the last --history-size bytes."""
+        await self.start_server("--history-size", "1000", "--head-size", "0")
         witness = await connect(self.port)
         data = bytes(i % 200 + 32 for i in range(5000))
         self.guest_writes(data)
@@ -220,6 +220,21 @@ class ConsoleProcessTests(TestCase):
         late = await connect(self.port)
         got = await late.wait_for(lambda got: len(got) >= 1000)
         self.assertEqual(got, data[-1000:])
+
+    async def test_head_marker_tail(self) -> None:
+        """
+        With a head, a new client of the original protocol gets the boot's first bytes,
+        one marker line for what is not sent, and the last --history-size bytes.
+        """
+        await self.start_server("--history-size", "1000", "--head-size", "300")
+        witness = await connect(self.port)
+        data = bytes(i % 200 + 32 for i in range(5000))
+        self.guest_writes(data)
+        await witness.wait_for(lambda got: got == data)
+        late = await connect(self.port)
+        expected = data[:300] + b"\r\n[... 3,700 bytes not kept ...]\r\n" + data[-1000:]
+        got = await late.wait_for(lambda got: len(got) >= len(expected))
+        self.assertEqual(got, expected)
 
     async def test_sigterm_closes_clients_exit_0(self) -> None:
         """SIGTERM closes every client with 1001 and the process exits 0."""
