@@ -23,56 +23,31 @@ DEFAULT_HEAD_SIZE = 256 * 1024
 DEFAULT_PING_INTERVAL = 30.0
 
 
-def _positive_int(name: str) -> Any:
-    def parse(value: str) -> int:
+def _number(name: str, kind: type, unit: str, zero_allowed: bool) -> Any:
+    """
+    A parser for C{--name}: a finite C{kind} (int or float) above 0, or from 0 with
+    C{zero_allowed}; anything else is a UsageError naming the option and the value.
+    """
+
+    def parse(value: str) -> Any:
         try:
-            number = int(value)
+            number = kind(value)
         except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number of bytes, not {value!r}")
-        if number <= 0:
-            raise usage.UsageError(f"--{name} must be positive, not {number}")
+            raise usage.UsageError(f"--{name} must be a number of {unit}, not {value!r}")
+        if not (0 <= number if zero_allowed else 0 < number) or number == float("inf"):
+            bound = "0 or more" if zero_allowed else "more than 0"
+            raise usage.UsageError(f"--{name} must be {bound}, not {value}")
         return number
 
     return parse
 
 
-def _non_negative_int(name: str) -> Any:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number of bytes, not {value!r}")
-        if number < 0:
-            raise usage.UsageError(f"--{name} must be 0 or more, not {number}")
-        return number
-
-    return parse
+def _bytes(name: str, zero_allowed: bool = False) -> Any:
+    return _number(name, int, "bytes (a whole number)", zero_allowed)
 
 
-def _positive_float(name: str) -> Any:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}")
-        if not 0 < number < float("inf"):
-            raise usage.UsageError(f"--{name} must be more than 0, not {value}")
-        return number
-
-    return parse
-
-
-def _non_negative_float(name: str) -> Any:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}")
-        if not 0 <= number < float("inf"):
-            raise usage.UsageError(f"--{name} must be 0 or more, not {value}")
-        return number
-
-    return parse
+def _seconds(name: str, zero_allowed: bool = False) -> Any:
+    return _number(name, float, "seconds", zero_allowed)
 
 
 class Options(usage.Options):
@@ -114,7 +89,7 @@ class Options(usage.Options):
             None,
             DEFAULT_HISTORY_SIZE,
             "Bytes of output kept and replayed to new clients.",
-            _positive_int("history-size"),
+            _bytes("history-size"),
         ],
         [
             "head-size",
@@ -122,35 +97,35 @@ class Options(usage.Options):
             DEFAULT_HEAD_SIZE,
             "Also keep the first N bytes of each boot (the boot log), replayed before the "
             "history; 0 turns it off.",
-            _non_negative_int("head-size"),
+            _bytes("head-size", zero_allowed=True),
         ],
         [
             "ping-interval",
             None,
             DEFAULT_PING_INTERVAL,
             "Seconds between WebSocket pings; a peer silent for twice that is dropped.",
-            _positive_float("ping-interval"),
+            _seconds("ping-interval"),
         ],
         [
             "client-buffer",
             None,
             DEFAULT_CLIENT_BUFFER,
             "Unsent bytes per client before it is paused and catches up from the history.",
-            _positive_int("client-buffer"),
+            _bytes("client-buffer"),
         ],
         [
             "ack-window",
             None,
             DEFAULT_ACK_WINDOW,
             "Bytes a page may have unrendered (cloud-console.v1) before it is paused.",
-            _positive_int("ack-window"),
+            _bytes("ack-window"),
         ],
         [
             "max-clients",
             None,
             DEFAULT_MAX_CLIENTS,
             "Viewers at once; the next WebSocket upgrade is refused (503).",
-            _positive_int("max-clients"),
+            _number("max-clients", int, "clients", False),
         ],
         ["password-file", None, None, "Require HTTP Basic credentials from this file (see cloud-console-passwd)."],
         ["token-file", None, None, "Require (or also accept) bearer tokens from this file."],
@@ -160,7 +135,7 @@ class Options(usage.Options):
             0.1,
             "Seconds the guest's output waits for a viewer that stopped making progress "
             "(then it no longer waits for that viewer); 0 never waits.",
-            _non_negative_float("max-stall"),
+            _seconds("max-stall", zero_allowed=True),
         ],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
         ["title", None, None, "The page's title (default: the console source)."],

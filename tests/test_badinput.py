@@ -361,7 +361,12 @@ async def start_console(test: TestCase, *args: str, log_file: str | None = None)
     positional = [test.guest.path, "127.0.0.1", str(test.port)]  # type: ignore[attr-defined]
     if log_file is not None:
         positional.append(log_file)
-    server = spawn_server([*positional, *args])
+    return await serve_process(test, [*positional, *args])
+
+
+async def serve_process(test: TestCase, args: list[str]) -> Server:
+    """A cloud-console process with C{args}, killed at the test's end; returns once it listens."""
+    server = spawn_server(args)
 
     async def kill() -> None:
         if server.status is None:

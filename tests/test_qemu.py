@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.guest import BANNER, PROMPT, GuestUnavailable, QemuGuest
 from tests.helpers import V1Client, connect_v1
-from tests.test_badinput import Server, spawn_server
+from tests.test_badinput import Server, serve_process
 from tests.test_integration import free_port
 
 
@@ -49,16 +49,7 @@ class QemuTestCase(TestCase):
 
     async def serve(self, source: str, *extra: str) -> Server:
         self.port = free_port()
-        server = spawn_server([source, "127.0.0.1", str(self.port), "--reopen", *extra])
-
-        async def kill() -> None:
-            if server.status is None:
-                server.signal("KILL")
-                await server.ended
-
-        self.addCleanup(kill)
-        await server.listening
-        return server
+        return await serve_process(self, [source, "127.0.0.1", str(self.port), "--reopen", *extra])
 
     async def shell(self, client: V1Client, since: int = 0) -> None:
         """Wait for a boot's shell prompt in what the client got after C{since} (a text index)."""

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.cloud_hypervisor_standin import CloudHypervisorStandIn
 from tests.helpers import V1Client, connect_v1
-from tests.test_badinput import Guest, Server, spawn_server
+from tests.test_badinput import Guest, Server, serve_process, spawn_server
 from tests.test_integration import free_port
 
 
@@ -51,16 +51,7 @@ class ReopenTests(TestCase):
 
     async def serve(self, source: str, *extra: str) -> Server:
         self.port = free_port()
-        server = spawn_server([source, "127.0.0.1", str(self.port), *extra])
-
-        async def kill() -> None:
-            if server.status is None:
-                server.signal("KILL")
-                await server.ended
-
-        self.addCleanup(kill)
-        await server.listening
-        return server
+        return await serve_process(self, [source, "127.0.0.1", str(self.port), *extra])
 
     async def test_reboot_with_a_new_pty(self) -> None:
         """
