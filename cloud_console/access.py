@@ -10,15 +10,19 @@ A web console is a root shell on a VM for anyone who reaches it, so:
    Basic against a file of PBKDF2-hashed passwords, or a bearer token from a file (in an
    C{Authorization: Bearer} header, or once as C{?token=} on the page's URL, which sets a
    same-site cookie the page's WebSocket then carries);
- - a credential may be read-only: that viewer's input is discarded and counted.
+ - a credential may be read-only: that viewer's input is discarded and counted;
+ - a credential may be limited to some consoles (fnmatch patterns over their names): the
+   others do not exist for it.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,60 +139,129 @@ class CredentialFileError(Exception):
     """A password or token file cannot be read or has a bad line (which one, and why)."""
 
 
+#: What a console pattern may contain: the console-name alphabet and fnmatch's C{*?[]!}.
+_PATTERN_CHARS = re.compile(r"[a-z0-9._\-*?\[\]!]+")
+
+
+def parse_console_patterns(text: str) -> tuple[str, ...]:
+    """
+    C{web-*,db1} as C{("web-*", "db1")}: comma-separated fnmatch patterns over console
+    names, each non-empty and made only of C{a-z 0-9 . _ -} and C{* ? [ ] !}.
+
+    @raise ValueError: an empty pattern or a character a console name cannot hold (the
+        message says which).
+    """
+    patterns = tuple(text.split(","))
+    for pattern in patterns:
+        if not pattern:
+            raise ValueError(f"empty console pattern in {text!r} (expected e.g. web-*,db1)")
+        if not _PATTERN_CHARS.fullmatch(pattern):
+            bad = sorted({c for c in pattern if not _PATTERN_CHARS.fullmatch(c)})
+            raise ValueError(
+                f"console pattern {pattern!r} holds {''.join(bad)!r}: patterns use a-z 0-9 . _ - "
+                "and * ? [ ] ! only"
+            )
+    return patterns
+
+
 @dataclass(frozen=True)
 class Access:
-    """Who logged in, and whether they may type."""
+    """
+    Who logged in, whether they may type, and which consoles they may see.
+
+    C{consoles} holds fnmatch patterns over console names; empty means every console.
+    """
 
     name: str
     read_only: bool
+    consoles: tuple[str, ...] = ()
+
+    def may_see(self, console_name: str) -> bool:
+        """Whether this credential may see the console of that name (at all)."""
+        if not self.consoles:
+            return True
+        return any(fnmatch.fnmatchcase(console_name, pattern) for pattern in self.consoles)
+
+    @property
+    def scope(self) -> tuple[bool, tuple[str, ...]]:
+        """
+        What the credential may do, without who it is: two credentials with equal scopes
+        are served the same tree (the patterns sorted, duplicates and order ignored, and
+        any C{*} pattern meaning every console).
+        """
+        if "*" in self.consoles:
+            return self.read_only, ()
+        return self.read_only, tuple(sorted(set(self.consoles)))
 
 
-def _role(value: str, where: str) -> bool:
-    if value in ("", "read-write", "rw"):
-        return False
-    if value in ("read-only", "ro"):
-        return True
-    raise CredentialFileError(f"{where}: role must be read-only or read-write, not {value!r}")
+_FIELD_HELP = "read-only, read-write or consoles=PATTERNS"
 
 
-def load_password_file(path: str) -> dict[str, tuple[str, bool]]:
+def _options(fields: list[str], where: str, name: str) -> Access:
+    """The fields after a password hash or a token: a role and a console list, each once."""
+    read_only: bool | None = None
+    consoles: tuple[str, ...] | None = None
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if sep and key == "consoles":
+            if consoles is not None:
+                raise CredentialFileError(f"{where}: consoles= given twice")
+            try:
+                consoles = parse_console_patterns(value)
+            except ValueError as e:
+                raise CredentialFileError(f"{where}: {e}") from None
+        elif not sep and field in ("", "read-write", "rw", "read-only", "ro"):
+            if read_only is not None and field:
+                raise CredentialFileError(f"{where}: the role is given twice")
+            if field:
+                read_only = field in ("read-only", "ro")
+        else:
+            raise CredentialFileError(f"{where}: unknown field {field!r} (expected {_FIELD_HELP})")
+    return Access(name, bool(read_only), consoles or ())
+
+
+def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
     """
-    Read C{user:hash[:read-only]} lines (C{#} comments and blank lines allowed).
+    Read C{user:hash[:read-only][:consoles=web-*,db1]} lines (the fields after the hash in
+    either order; C{#} comments and blank lines allowed), as user: (hash, access).
 
-    @raise CredentialFileError: unreadable, a malformed line, or a plain-text password.
+    @raise CredentialFileError: unreadable, a malformed line or field, or a plain-text
+        password.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CredentialFileError(f"cannot read password file {path}: {e}") from e
-    users: dict[str, tuple[str, bool]] = {}
+    users: dict[str, tuple[str, Access]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         where = f"{path} line {number}"
         fields = line.split(":")
-        if len(fields) not in (2, 3) or not fields[0]:
-            raise CredentialFileError(f"{where}: expected user:hash[:read-only]")
+        if len(fields) < 2 or not fields[0]:
+            raise CredentialFileError(f"{where}: expected user:hash[:read-only][:consoles=PATTERNS]")
         if not fields[1].startswith(HASH_SCHEME + "$") or fields[1].count("$") != 3:
             raise CredentialFileError(
                 f"{where}: not a {HASH_SCHEME} hash (make one with cloud-console-passwd)"
             )
-        users[fields[0]] = (fields[1], _role(fields[2] if len(fields) == 3 else "", where))
+        users[fields[0]] = (fields[1], _options(fields[2:], where, fields[0]))
     return users
 
 
-def load_token_file(path: str) -> list[tuple[bytes, bool]]:
+def load_token_file(path: str) -> list[tuple[bytes, Access]]:
     """
-    Read one token per line, optionally followed by C{read-only}.
+    Read C{TOKEN [read-only] [consoles=web-*,db1]} lines (C{#} comments and blank lines
+    allowed), as (token, access); the access is named C{token #N} after its place.
 
-    @raise CredentialFileError: unreadable, or a token shorter than 16 characters.
+    @raise CredentialFileError: unreadable, a token shorter than 16 characters, or a bad
+        field.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CredentialFileError(f"cannot read token file {path}: {e}") from e
-    tokens = []
+    tokens: list[tuple[bytes, Access]] = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -196,9 +269,10 @@ def load_token_file(path: str) -> list[tuple[bytes, bool]]:
         where = f"{path} line {number}"
         if len(fields[0]) < 16:
             raise CredentialFileError(f"{where}: a token must be at least 16 characters")
-        if len(fields) > 2:
-            raise CredentialFileError(f"{where}: expected: token [read-only]")
-        tokens.append((fields[0].encode("utf-8"), _role(fields[1] if len(fields) == 2 else "", where)))
+        if len(fields) > 3:
+            raise CredentialFileError(f"{where}: expected: token [read-only] [consoles=PATTERNS]")
+        access = _options(fields[1:], where, f"token #{len(tokens) + 1}")
+        tokens.append((fields[0].encode("utf-8"), access))
     return tokens
 
 
@@ -226,7 +300,7 @@ class PasswordChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, users: dict[str, tuple[str, bool]], run: Callable[..., Any] | None = None) -> None:
+    def __init__(self, users: dict[str, tuple[str, Access]], run: Callable[..., Any] | None = None) -> None:
         self.users = users
         self._run = run
         # An unknown user is checked against this, at the cost of the file's own hashes.
@@ -241,16 +315,16 @@ class PasswordChecker:
             password = creds.password.decode("utf-8")
         except UnicodeDecodeError:
             return defer.fail(error.UnauthorizedLogin("credentials are not UTF-8"))
-        encoded, read_only = self.users.get(name, (self._dummy, False))
+        encoded, access = self.users.get(name, (self._dummy, Access(name, True)))
         mac = hmac.new(self._key, password.encode("utf-8"), "sha256").digest()
         if name in self.users and hmac.compare_digest(self._verified.get(name, b""), mac):
-            return defer.succeed(Access(name, read_only))
+            return defer.succeed(access)
 
         def verified(ok: bool) -> Access:
             if not ok or name not in self.users:
                 raise error.UnauthorizedLogin("wrong user name or password")
             self._verified[name] = mac
-            return Access(name, read_only)
+            return access
 
         if self._run is None:
             return defer.maybeDeferred(verify_password, password, encoded).addCallback(verified)
@@ -264,14 +338,14 @@ class TokenChecker:
 
     credentialInterfaces = (IBearerToken,)
 
-    def __init__(self, tokens: list[tuple[bytes, bool]]) -> None:
+    def __init__(self, tokens: list[tuple[bytes, Access]]) -> None:
         self.tokens = tokens
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         found: Access | None = None
-        for index, (token, read_only) in enumerate(self.tokens):
+        for token, access in self.tokens:
             if hmac.compare_digest(token, creds.token) and found is None:
-                found = Access(f"token #{index + 1}", read_only)
+                found = access
         if found is None:
             return defer.fail(error.UnauthorizedLogin("unknown token"))
         return defer.succeed(found)
@@ -279,21 +353,31 @@ class TokenChecker:
 
 @implementer(portal.IRealm)
 class ConsoleRealm:
-    """Hands out the read-write or the read-only site tree."""
+    """
+    Hands out the site tree for a credential's access: one tree per distinct scope
+    (read-only or not, and which consoles), built on first use and shared by every
+    credential with that scope, so a thousand users with the same access cost one tree.
 
-    def __init__(self, build_tree: Callable[[bool], resource.IResource]) -> None:
+    C{build_tree} is called with an L{Access} named after the scope, not after whoever
+    came first (the tree is shared: it must depend only on C{read_only} and C{consoles}).
+    """
+
+    def __init__(self, build_tree: Callable[[Access], resource.IResource]) -> None:
         self._build_tree = build_tree
-        self._trees: dict[bool, resource.IResource] = {}
+        self._trees: dict[tuple[bool, tuple[str, ...]], resource.IResource] = {}
 
-    def tree(self, read_only: bool) -> resource.IResource:
-        if read_only not in self._trees:
-            self._trees[read_only] = self._build_tree(read_only)
-        return self._trees[read_only]
+    def tree(self, access: Access) -> resource.IResource:
+        scope = access.scope
+        if scope not in self._trees:
+            read_only, consoles = scope
+            label = ("read-only" if read_only else "read-write") + " on " + (",".join(consoles) or "*")
+            self._trees[scope] = self._build_tree(Access(label, read_only, consoles))
+        return self._trees[scope]
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
         if resource.IResource not in interfaces:
             raise NotImplementedError("only web resources here")
-        return resource.IResource, self.tree(avatarId.read_only), lambda: None
+        return resource.IResource, self.tree(avatarId), lambda: None
 
 
 def _basic_credentials(value: bytes) -> credentials.UsernamePassword | None:
@@ -313,14 +397,18 @@ class AuthGate(resource.Resource):
 
     Failures get 401 (with a Basic challenge when passwords are configured) and a log line
     with the peer's address; nothing of the console is reachable without a credential.
+    Every 401 is reported to C{on_refused} as C{"auth"} (for the refusal counts).
     """
 
     _log = Logger()
 
-    def __init__(self, portal: portal.Portal, basic: bool) -> None:
+    def __init__(
+        self, portal: portal.Portal, basic: bool, on_refused: Callable[[str], None] | None = None
+    ) -> None:
         resource.Resource.__init__(self)
         self.portal = portal
         self.basic = basic
+        self.on_refused = on_refused
 
     def render(self, request: Request) -> Any:
         return self._authorized(request).render(request)
@@ -349,6 +437,37 @@ class AuthGate(resource.Resource):
         if cookie:
             return BearerToken(cookie), False
         return None, False
+
+    def identify(self, request: Request) -> defer.Deferred[Access | None]:
+        """
+        Who is asking, for a resource outside the gate that serves everyone but shows a
+        credential more (C{/healthz}): the L{Access} of a valid credential, else C{None}.
+
+        Nothing is answered and no cookie is set; a bad credential is logged as by the
+        gate, but it is not a 401 and is not counted as a refusal.
+        """
+        creds, _ = self._credentials(request)
+        if creds is None:
+            return defer.succeed(None)
+        checker = next(
+            (c for i, c in self.portal.checkers.items() if i.providedBy(creds)), None
+        )
+        if checker is None:
+            return defer.succeed(None)
+        peer = request.getClientAddress()
+
+        def refused(failure: Failure) -> None:
+            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            self._log.warn(
+                "authentication failed from {peer}: {why}", peer=str(peer), why=failure.getErrorMessage()
+            )
+            return None
+
+        def check() -> Any:
+            return checker.requestAvatarId(creds)
+
+        d: defer.Deferred[Access | None] = defer.maybeDeferred(check)
+        return d.addErrback(refused)
 
     def _authorized(self, request: Request) -> resource.IResource:
         creds, from_url = self._credentials(request)
@@ -379,6 +498,8 @@ class AuthGate(resource.Resource):
         return util.DeferredResource(d)
 
     def _unauthorized(self) -> resource.IResource:
+        if self.on_refused is not None:
+            self.on_refused("auth")
         challenge = [b'Basic realm="cloud-console", charset="UTF-8"'] if self.basic else [b"Bearer"]
         return _Unauthorized(challenge)
 
@@ -399,13 +520,19 @@ class _Unauthorized(resource.Resource):
 
 
 def build_gate(
-    build_tree: Callable[[bool], resource.IResource],
+    build_tree: Callable[[Access], resource.IResource],
     password_file: str | None,
     token_file: str | None,
     run_in_thread: Callable[..., Any] | None = None,
+    *,
+    on_refused: Callable[[str], None] | None = None,
 ) -> AuthGate:
     """
     The authenticating root for the given credential files.
+
+    @param build_tree: the site tree for an access (called once per distinct scope; see
+        L{ConsoleRealm}).
+    @param on_refused: called with C{"auth"} on every 401.
 
     @raise CredentialFileError: a file cannot be read or has a bad line.
     """
@@ -415,4 +542,4 @@ def build_gate(
     if token_file:
         checkers.append(TokenChecker(load_token_file(token_file)))
     gate_portal = portal.Portal(ConsoleRealm(build_tree), checkers)
-    return AuthGate(gate_portal, basic=bool(password_file))
+    return AuthGate(gate_portal, basic=bool(password_file), on_refused=on_refused)

@@ -1,5 +1,7 @@
 """
-C{cloud-console-passwd FILE USER [--read-only]}: add or replace a user in a password file.
+C{cloud-console-passwd FILE USER [--read-only] [--consoles PATTERNS]}: add or replace a
+user in a password file; C{--consoles web-*,db1} limits the user to the consoles whose
+names match those fnmatch patterns (default: every console).
 
 The password is read from the terminal (twice), or from standard input when it is not a
 terminal, and stored only as a PBKDF2-SHA256 hash.
@@ -13,15 +15,35 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .access import CredentialFileError, hash_password, load_password_file
+from .access import CredentialFileError, hash_password, load_password_file, parse_console_patterns
 
-USAGE = "usage: cloud-console-passwd <password_file> <user> [--read-only]\n"
+USAGE = "usage: cloud-console-passwd <password_file> <user> [--read-only] [--consoles PATTERNS]\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    read_only = "--read-only" in args
-    args = [a for a in args if a != "--read-only"]
+    rest = list(sys.argv[1:] if argv is None else argv)
+    read_only = False
+    consoles: tuple[str, ...] = ()
+    args: list[str] = []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--read-only":
+            read_only = True
+        elif arg == "--consoles" or arg.startswith("--consoles="):
+            if arg == "--consoles":
+                if not rest:
+                    sys.stderr.write(USAGE)
+                    return 1
+                value = rest.pop(0)
+            else:
+                value = arg.partition("=")[2]
+            try:
+                consoles = parse_console_patterns(value)
+            except ValueError as e:
+                sys.stderr.write(f"cloud-console-passwd: --consoles: {e}\n")
+                return 1
+        else:
+            args.append(arg)
     if len(args) != 2 or ":" in args[1] or not args[1]:
         sys.stderr.write(USAGE)
         return 1
@@ -43,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("cloud-console-passwd: empty password refused\n")
         return 1
     entry = f"{user}:{hash_password(password)}" + (":read-only" if read_only else "")
+    if consoles:
+        entry += ":consoles=" + ",".join(consoles)
     lines = []
     if os.path.exists(path):
         lines = [

@@ -11,16 +11,27 @@ import os
 import sys
 from typing import Any
 
+from twisted.cred import credentials
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cloud_console import passwd
 from cloud_console.access import (
+    Access,
+    AuthGate,
+    BearerToken,
+    ConsoleRealm,
     CredentialFileError,
     OriginPolicy,
+    PasswordChecker,
+    TokenChecker,
+    build_gate,
     hash_password,
     load_password_file,
     load_token_file,
+    parse_console_patterns,
     verify_password,
 )
 from cloud_console.multiplexer import Multiplexer
@@ -98,7 +109,7 @@ class PasswordTests(SynchronousTestCase):
         """user:hash[:role] lines, comments and blank lines."""
         h = hash_password("pw", FAST)
         users = load_password_file(self.write(f"# ops\n\nalice:{h}\nbob:{h}:read-only\n"))
-        self.assertEqual(users, {"alice": (h, False), "bob": (h, True)})
+        self.assertEqual(users, {"alice": (h, Access("alice", False)), "bob": (h, Access("bob", True))})
 
     def test_plain_text_refused(self) -> None:
         """A plain-text password in the file is refused with the line number."""
@@ -117,7 +128,10 @@ class PasswordTests(SynchronousTestCase):
     def test_tokens(self) -> None:
         """Token files: one per line, optional read-only, short tokens refused."""
         tokens = load_token_file(self.write("0123456789abcdef\nfedcba9876543210 read-only\n"))
-        self.assertEqual(tokens, [(b"0123456789abcdef", False), (b"fedcba9876543210", True)])
+        self.assertEqual(
+            tokens,
+            [(b"0123456789abcdef", Access("token #1", False)), (b"fedcba9876543210", Access("token #2", True))],
+        )
         self.assertRaises(CredentialFileError, load_token_file, self.write("short\n"))
 
     def test_passwd_tool(self) -> None:
@@ -129,8 +143,9 @@ class PasswordTests(SynchronousTestCase):
         self.assertEqual(passwd.main([path, "alice", "--read-only"]), 0)
         users = load_password_file(path)
         self.assertEqual(list(users), ["alice"])
-        encoded, read_only = users["alice"]
-        self.assertTrue(read_only)
+        encoded, access = users["alice"]
+        self.assertTrue(access.read_only)
+        self.assertEqual(access.consoles, ())
         self.assertTrue(verify_password("second", encoded))
         self.assertNotIn("second", open(path).read())
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
@@ -288,3 +303,295 @@ class OriginOnSiteTests(GateTestCase):
             self.assertIn(b"101", self.upgrade(extra=auth).response)
         refused = self.upgrade(extra=auth)
         self.assertIn(b"503", refused.response.split(b"\r\n")[0])
+
+
+class ConsoleAccessTests(SynchronousTestCase):
+    """Which consoles a credential may see, and the patterns that say so."""
+
+    def test_may_see(self) -> None:
+        """No patterns: every console; else fnmatch, case-sensitive, against each pattern."""
+        everyone = Access("alice", False)
+        self.assertTrue(everyone.may_see("web-1"))
+        self.assertTrue(everyone.may_see("anything"))
+        some = Access("bob", True, ("web-*", "db1", "app-?", "vm[0-3]", "x[!a]"))
+        for name in ("web-1", "web-", "db1", "app-7", "vm2", "xb"):
+            self.assertTrue(some.may_see(name), name)
+        for name in ("db10", "db", "adb1", "app-77", "vm4", "xa", "WEB-1", "mail"):
+            self.assertFalse(some.may_see(name), name)
+
+    def test_scope(self) -> None:
+        """Equal rights, whoever holds them, are one scope; order and repeats do not count."""
+        self.assertEqual(Access("a", True, ("b*", "a")).scope, Access("z", True, ("a", "b*", "a")).scope)
+        self.assertNotEqual(Access("a", True, ("a",)).scope, Access("a", False, ("a",)).scope)
+        self.assertNotEqual(Access("a", True, ("a",)).scope, Access("a", True, ()).scope)
+        self.assertEqual(Access("a", False, ("*", "db1")).scope, Access("b", False).scope)
+
+    def test_parse_patterns(self) -> None:
+        """Comma-separated patterns of the name alphabet and * ? [ ] !; others refused."""
+        self.assertEqual(parse_console_patterns("web-*,db1"), ("web-*", "db1"))
+        self.assertEqual(parse_console_patterns("vm[!0-3]?.x_y"), ("vm[!0-3]?.x_y",))
+        for bad, why in (
+            ("", "empty"), ("a,,b", "empty"), ("web-*,", "empty"), ("web 1", "' '"),
+            ("a/b", "'/'"), ("Web", "'W'"), ("a:b", "':'"), ("db1;rm", "';'"),
+        ):
+            e = self.assertRaises(ValueError, parse_console_patterns, bad)
+            self.assertIn(why, str(e), bad)
+
+
+class RestrictedFileTests(SynchronousTestCase):
+    """Password and token lines with a console list."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_password_line_forms(self) -> None:
+        """Role and console fields are optional and may come in either order."""
+        h = hash_password("pw", FAST)
+        users = load_password_file(self.write(
+            f"a:{h}\nb:{h}:read-only\nc:{h}:consoles=web-*,db1\nd:{h}:read-only:consoles=db1\n"
+            f"e:{h}:consoles=db1:ro\nf:{h}:\ng:{h}:read-write:consoles=*\n"
+        ))
+        self.assertEqual(
+            {name: access for name, (_, access) in users.items()},
+            {
+                "a": Access("a", False), "b": Access("b", True),
+                "c": Access("c", False, ("web-*", "db1")), "d": Access("d", True, ("db1",)),
+                "e": Access("e", True, ("db1",)), "f": Access("f", False),
+                "g": Access("g", False, ("*",)),
+            },
+        )
+        self.assertTrue(all(encoded == h for encoded, _ in users.values()))
+
+    def test_password_bad_fields(self) -> None:
+        """Unknown, repeated or malformed fields are errors naming the file and line."""
+        h = hash_password("pw", FAST)
+        for field, why in (
+            ("admin", "unknown field 'admin'"), ("console=web", "unknown field"),
+            ("read-only:ro", "role is given twice"), ("consoles=a:consoles=b", "consoles= given twice"),
+            ("consoles=", "empty console pattern"), ("consoles=a,,b", "empty console pattern"),
+            ("consoles=web 1", "' '"), ("consoles=a/b", "'/'"), ("read-only:consoles=x:extra", "'extra'"),
+        ):
+            path = self.write(f"# users\nok:{h}\nx:{h}:{field}\n")
+            e = self.assertRaises(CredentialFileError, load_password_file, path)
+            self.assertIn(f"{path} line 3", str(e), field)
+            self.assertIn(why, str(e), field)
+
+    def test_token_line_forms(self) -> None:
+        """TOKEN [read-only] [consoles=...], in either order."""
+        tokens = load_token_file(self.write(
+            "# tokens\n0123456789abcdef\n1123456789abcdef read-only\n2123456789abcdef consoles=web-*,db1\n"
+            "3123456789abcdef read-only consoles=db1\n4123456789abcdef consoles=db?  ro\n"
+        ))
+        self.assertEqual(tokens, [
+            (b"0123456789abcdef", Access("token #1", False)),
+            (b"1123456789abcdef", Access("token #2", True)),
+            (b"2123456789abcdef", Access("token #3", False, ("web-*", "db1"))),
+            (b"3123456789abcdef", Access("token #4", True, ("db1",))),
+            (b"4123456789abcdef", Access("token #5", True, ("db?",))),
+        ])
+
+    def test_token_bad_fields(self) -> None:
+        """Unknown or repeated fields, bad patterns, too many fields: errors with file and line."""
+        for rest, why in (
+            ("admin", "unknown field 'admin'"), ("read-only read-only", "role is given twice"),
+            ("consoles=a consoles=b", "consoles= given twice"), ("consoles=a/b", "'/'"),
+            ("consoles=", "empty console pattern"), ("read-only consoles=a x", "expected: token"),
+        ):
+            path = self.write(f"0123456789abcdef\n\n1123456789abcdef {rest}\n")
+            e = self.assertRaises(CredentialFileError, load_token_file, path)
+            self.assertIn(f"{path} line 3", str(e), rest)
+            self.assertIn(why, str(e), rest)
+
+    def test_checkers_carry_consoles(self) -> None:
+        """A password and a token each yield their restricted access."""
+        h = hash_password("pw", FAST)
+        users = load_password_file(self.write(f"alice:{h}:consoles=web-*\n"))
+        alice = credentials.UsernamePassword(b"alice", b"pw")
+        got = self.successResultOf(PasswordChecker(users).requestAvatarId(alice))
+        self.assertEqual(got, Access("alice", False, ("web-*",)))
+        self.assertFalse(got.may_see("db1"))
+        # The remembered success keeps the restriction too.
+        checker = PasswordChecker(users)
+        for _ in range(2):
+            got = self.successResultOf(checker.requestAvatarId(alice))
+            self.assertEqual(got.consoles, ("web-*",))
+        tokens = load_token_file(self.write("0123456789abcdef read-only consoles=db1\n"))
+        got = self.successResultOf(TokenChecker(tokens).requestAvatarId(BearerToken(b"0123456789abcdef")))
+        self.assertEqual(got, Access("token #1", True, ("db1",)))
+
+    def test_passwd_consoles(self) -> None:
+        """cloud-console-passwd --consoles writes the field, and the line loads back."""
+        path = self.mktemp()
+        self.patch(sys, "stdin", io.StringIO("pw\n"))
+        self.assertEqual(passwd.main([path, "alice", "--consoles", "web-*,db1", "--read-only"]), 0)
+        self.patch(sys, "stdin", io.StringIO("pw2\n"))
+        self.assertEqual(passwd.main([path, "bob", "--consoles=vm[0-3]"]), 0)
+        self.assertIn(":read-only:consoles=web-*,db1\n", open(path).read())
+        users = load_password_file(path)
+        self.assertEqual(users["alice"][1], Access("alice", True, ("web-*", "db1")))
+        self.assertEqual(users["bob"][1], Access("bob", False, ("vm[0-3]",)))
+        self.assertTrue(verify_password("pw2", users["bob"][0]))
+
+    def test_passwd_bad_consoles(self) -> None:
+        """A bad --consoles value (or none) is a usage error, and the file is untouched."""
+        path = self.mktemp()
+        for args in (["--consoles", "web 1"], ["--consoles", "a/b"], ["--consoles=,"], ["--consoles"]):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            self.patch(sys, "stdin", io.StringIO("pw\n"))
+            self.assertEqual(passwd.main([path, "alice", *args]), 1, args)
+            self.assertTrue(stderr.getvalue(), args)
+            self.assertFalse(os.path.exists(path), args)
+
+
+class _Tree(resource.Resource):
+    """A stand-in site tree that says whom it was built for."""
+
+    isLeaf = True
+
+    def __init__(self, access: Access) -> None:
+        resource.Resource.__init__(self)
+        self.access = access
+
+    def render_GET(self, request: Request) -> bytes:
+        return f"tree ro={self.access.read_only} consoles={','.join(self.access.consoles)}".encode()
+
+
+class RealmAndGateTests(SynchronousTestCase):
+    """The realm's trees per access, and the gate's identify() and refusal counts."""
+
+    def setUp(self) -> None:
+        self.built: list[Access] = []
+        self.refused: list[str] = []
+        self.password = self.mktemp()
+        with open(self.password, "w") as f:
+            f.write(f"alice:{hash_password('wonderland', FAST)}:consoles=web-*,db1\n")
+            f.write(f"carol:{hash_password('carol', FAST)}:consoles=db1,web-*\n")
+            f.write(f"bob:{hash_password('builder', FAST)}:read-only\n")
+        self.tokens = self.mktemp()
+        with open(self.tokens, "w") as f:
+            f.write("tok-0123456789abcdef consoles=db1,web-*\n")
+            f.write("tok-readonly-0123456789 read-only consoles=vm?\n")
+        self.gate = build_gate(self.build, self.password, self.tokens, on_refused=self.refused.append)
+        root = resource.Resource()
+        root.putChild(b"c", self.gate)
+        root.putChild(b"healthz", _Identify(self.gate))
+        self.site = Site(root)
+
+    def build(self, access: Access) -> resource.IResource:
+        self.built.append(access)
+        return _Tree(access)
+
+    def request(self, path: bytes, headers: dict[str, str] | None = None) -> tuple[bytes, bytes]:
+        client = WebClient(self.site, 5)
+        lines = [b"GET " + path + b" HTTP/1.1", b"Host: 127.0.0.1:8080"]
+        lines += [f"{k}: {v}".encode() for k, v in (headers or {}).items()]
+        client.send_raw(b"\r\n".join(lines) + b"\r\n\r\n")
+        head, _, body = client.transport.value().partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], body
+
+    basic = staticmethod(GateTestCase.basic)
+
+    def test_realm_shares_trees_by_access(self) -> None:
+        """One tree per distinct (read-only, consoles), built with the scope, not the user."""
+        realm = ConsoleRealm(self.build)
+        alice = realm.tree(Access("alice", False, ("web-*", "db1")))
+        self.assertIs(realm.tree(Access("carol", False, ("db1", "web-*"))), alice)
+        self.assertIs(realm.tree(Access("token #1", False, ("web-*", "db1", "db1"))), alice)
+        self.assertIsNot(realm.tree(Access("dave", True, ("web-*", "db1"))), alice)
+        self.assertIsNot(realm.tree(Access("erin", False, ("web-*",))), alice)
+        everyone = realm.tree(Access("frank", False))
+        self.assertIs(realm.tree(Access("gina", False, ("*",))), everyone)
+        self.assertEqual(len(self.built), 4)
+        self.assertEqual((self.built[0].read_only, self.built[0].consoles), (False, ("db1", "web-*")))
+        self.assertNotIn("alice", self.built[0].name)
+        for n in range(1000):
+            realm.tree(Access(f"user{n}", True, ("vm*",)))
+        self.assertEqual(len(self.built), 5)
+
+    def test_gate_serves_the_tree_of_the_access(self) -> None:
+        """Through the gate, a password and a token with the same consoles share one tree."""
+        status, body = self.request(b"/c/", self.basic("alice", "wonderland"))
+        self.assertIn(b"200", status)
+        self.assertEqual(body, b"tree ro=False consoles=db1,web-*")
+        self.assertEqual(self.request(b"/c/", self.basic("carol", "carol"))[1], body)
+        self.assertEqual(self.request(b"/c/x", {"Authorization": "Bearer tok-0123456789abcdef"})[1], body)
+        self.assertEqual(
+            self.request(b"/c/", {"Authorization": "Bearer tok-readonly-0123456789"})[1],
+            b"tree ro=True consoles=vm?",
+        )
+        self.assertEqual(self.request(b"/c/", self.basic("bob", "builder"))[1], b"tree ro=True consoles=")
+        self.assertEqual(len(self.built), 3)
+        self.assertEqual(self.refused, [])
+
+    def test_refusals_counted(self) -> None:
+        """Every 401 (no credential, a wrong password, an unknown token) counts as 'auth'."""
+        self.assertIn(b"401", self.request(b"/c/")[0])
+        self.assertIn(b"401", self.request(b"/c/", self.basic("alice", "wrong"))[0])
+        self.assertIn(b"401", self.request(b"/c/", {"Authorization": "Bearer tok-0123456789abcdeX"})[0])
+        self.assertEqual(self.refused, ["auth", "auth", "auth"])
+        self.assertIn(b"200", self.request(b"/c/", self.basic("alice", "wonderland"))[0])
+        self.assertEqual(len(self.refused), 3)
+        # Without a counter, refusals are still 401.
+        plain = build_gate(self.build, self.password, None)
+        self.assertIsNone(plain.on_refused)
+
+    def test_identify_without_credentials(self) -> None:
+        """identify(): no credential is None, never a 401 and not counted."""
+        status, body = self.request(b"/healthz")
+        self.assertIn(b"200", status)
+        self.assertEqual(body, b"anonymous")
+        self.assertEqual(self.refused, [])
+
+    def test_identify_bad_credentials(self) -> None:
+        """A bad credential is None too, logged like the gate logs it, not counted."""
+        for headers in (self.basic("alice", "wrong"), self.basic("mallory", "x"),
+                        {"Authorization": "Bearer tok-0123456789abcdeX"}):
+            with capturedLogs() as events:
+                status, body = self.request(b"/healthz", headers)
+            self.assertIn(b"200", status)
+            self.assertEqual(body, b"anonymous")
+            failures = [e for e in events if e.get("log_format", "").startswith("authentication failed")]
+            self.assertEqual(len(failures), 1)
+            self.assertIn("127.0.0.1", failures[0]["peer"])
+        self.assertEqual(self.refused, [])
+
+    def test_identify_good_credentials(self) -> None:
+        """A good credential gives its Access, consoles and all, with no cookie set."""
+        _, body = self.request(b"/healthz", self.basic("alice", "wonderland"))
+        self.assertEqual(body, b"alice ro=False consoles=web-*,db1")
+        _, body = self.request(b"/healthz", {"Authorization": "Bearer tok-readonly-0123456789"})
+        self.assertEqual(body, b"token #2 ro=True consoles=vm?")
+        client = WebClient(self.site, 5)
+        client.send_raw(b"GET /healthz?token=tok-0123456789abcdef HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = client.transport.value()
+        self.assertTrue(response.endswith(b"token #1 ro=False consoles=db1,web-*"))
+        self.assertNotIn(b"set-cookie", response.lower())
+        _, body = self.request(b"/healthz", {"Cookie": "cloud-console-token=tok-0123456789abcdef"})
+        self.assertEqual(body, b"token #1 ro=False consoles=db1,web-*")
+        self.assertEqual(self.built, [])
+
+
+class _Identify(resource.Resource):
+    """A resource outside the gate that only asks who is there (as /healthz does)."""
+
+    isLeaf = True
+
+    def __init__(self, gate: AuthGate) -> None:
+        resource.Resource.__init__(self)
+        self.gate = gate
+
+    def render_GET(self, request: Request) -> Any:
+        def answer(access: Access | None) -> None:
+            body = b"anonymous"
+            if access is not None:
+                body = f"{access.name} ro={access.read_only} consoles={','.join(access.consoles)}".encode()
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        self.gate.identify(request).addCallback(answer)
+        return NOT_DONE_YET
