@@ -99,6 +99,7 @@ class ConsoleFollower(Service):
         self._failures = 0
         self._up_since = 0.0
         self._last_error: str | None = None
+        self._announce_failure = False
 
     def open_now(self) -> None:
         """
@@ -117,6 +118,16 @@ class ConsoleFollower(Service):
             self.multiplexer.console_down(f"waiting for {self.source}: {e}")
             return
         self._connect(opened)
+
+    def open_in_background(self) -> None:
+        """
+        Open without blocking the reactor (a console added by a reload, whose VMM API may
+        be slow): until then, and if it fails, the console is shown as down; a followed
+        one is then retried.
+        """
+        self.multiplexer.console_down(f"opening {self.source}")
+        self._announce_failure = True
+        self._attempt()
 
     def _connect(self, opened: OpenedConsole) -> None:
         multiplexer = self.multiplexer
@@ -167,6 +178,7 @@ class ConsoleFollower(Service):
 
     def _opened(self, opened: OpenedConsole) -> None:
         self._attempting = False
+        self._announce_failure = False
         if not self.running or self.multiplexer.closed_reason is not None:
             _discard(opened)
             return
@@ -193,7 +205,12 @@ class ConsoleFollower(Service):
                     error=error,
                     most=RETRY_MAX,
                 )
-        if self.running:
+        if self._announce_failure:
+            # The clients saw "opening": tell them why it did not (later failures, of a
+            # console that went down, keep the reason it went down for).
+            self._announce_failure = False
+            self.multiplexer.console_down(f"cannot open {self.source}: {failure.getErrorMessage()}")
+        if self.running and self.reopen:
             self._schedule()
 
     def startService(self) -> None:

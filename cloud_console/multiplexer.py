@@ -58,6 +58,12 @@ REFUSED_CONSOLE_CLOSED = "console closed"
 REFUSED_BACKLOG_FULL = "input backlog full"
 
 
+def iso_time(seconds: float) -> str:
+    """C{seconds} since the epoch as ISO 8601 UTC to the second: C{2026-12-01T20:00:00Z}."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def skip_marker(skipped: int) -> bytes:
     """
     The line that stands for bytes not kept between the head and the tail, where the
@@ -253,11 +259,18 @@ class Multiplexer(Service):
         self._on_console_closed: list[Callable[[str], None]] = []
         #: Set once L{stopService} has begun closing the clients.
         self.stopping = False
+        #: Counters for the index page and metrics (plain ints: nothing per byte).
+        self.bytes_in = 0
+        self.lagging_events = 0
+        self.gaps = 0
+        #: When the guest last wrote (clock seconds), or None.
+        self.last_output_at: float | None = None
+
+    def _seconds(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.time()
 
     def _now(self) -> str:
-        seconds = self.clock.seconds() if self.clock is not None else time.time()
-        moment = datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=0)
-        return moment.isoformat().replace("+00:00", "Z")
+        return iso_time(self._seconds())
 
     # -- what a new client is sent ----------------------------------------------------
 
@@ -358,8 +371,11 @@ class Multiplexer(Service):
         else:
             self._on_console_closed.append(callback)
 
-    def console_lost(self, reason: str) -> None:
-        """The console is gone for good: tell every client why, then whoever waits for it."""
+    def console_lost(self, reason: str, close_reason: str | None = None) -> None:
+        """
+        The console is gone for good: tell every client why (C{close_reason}, default
+        "console closed: REASON"), then whoever waits for it.
+        """
         if self.closed_reason is not None:
             return
         self._pty = None
@@ -373,7 +389,7 @@ class Multiplexer(Service):
             reason=reason,
             clients=len(self._attachments),
         )
-        self._close_all(CLOSE_CONSOLE_CLOSED, f"console closed: {reason}")
+        self._close_all(CLOSE_CONSOLE_CLOSED, close_reason or f"console closed: {reason}")
         for callback in self._on_console_closed:
             callback(reason)
 
@@ -468,6 +484,7 @@ class Multiplexer(Service):
         """
         if not data:
             return
+        self.last_output_at = self._seconds()
         chunk = Chunk(self.history.end, data)
         self.history.append(data)
         end = chunk.end
@@ -538,6 +555,7 @@ class Multiplexer(Service):
             following = history.next_held(cursor)
             attachment.cursor = following
             attachment.in_head = history.head_start <= following < history.head_end
+            self.gaps += 1
             if not attachment.client.gap(cursor, following, "resume"):
                 self.detach(attachment)
                 return
@@ -597,6 +615,8 @@ class Multiplexer(Service):
                 )
                 attachment.cursor = following
                 attachment.in_head = history.head_start <= following < history.head_end
+                self.gaps += 1
+                self.lagging_events += 1
                 if not attachment.client.gap(cursor, following, "lagging"):
                     self.detach(attachment)
                     return
@@ -630,6 +650,7 @@ class Multiplexer(Service):
         if reason is None:
             assert device is not None
             device.write(data)
+            self.bytes_in += len(data)
             attachment._refused_for = None
             return None
         attachment.input_discarded += len(data)

@@ -1,10 +1,11 @@
 """
-The one place the console's objects are wired together, for both entry points.
+The one place the server's objects are wired together, for both entry points, for one
+console or many.
 
 Service order matters: services stop in the reverse of the order they were added. The
-ports close first; then the multiplexer closes the clients (with close frames), then the
-console, then the log file, which is added before it so that it is still open while the
-console is read during the close handshakes.
+ports close first; then each console closes its clients (with close frames), then its
+device, then its log file, which so still logs what the console says during the close
+handshakes (see L{cloud_console.console.Console}).
 """
 
 from __future__ import annotations
@@ -13,52 +14,55 @@ import atexit
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from .access import CredentialFileError, OriginPolicy
+from .config import ConfigError, ConsoleSpec, load_config
+from .console import ConsoleLimits, build_console
+from .consoledir import ConsoleDirWatcher, scan_console_dir
 from .device import ConsoleOpenError
-from .follow import ConsoleFollower
 from .logfile import LogFileError, LogFileSink
+from .metrics import RefusalCounts
 from .multiplexer import Multiplexer
+from .registry import ConsoleRegistry
 from .sources import SourceError
-from .web import ConsoleSite, build_site
+from .web import ConsoleSite, FleetService, build_fleet_site, build_site
 from .websocket import ConsoleServerFactory, ConsoleSettings
-
-#: Bytes a paused viewer may fall behind and still catch up intact, whatever the
-#: replayed history's size: the ring is this large at least. Measured: with the 80 KB
-#: history alone, a viewer paused for a millisecond of a flood fell out of it.
-LAG_WINDOW = 1024 * 1024
 
 #: Exit status when the console (pty) could not be opened or went away: the original's.
 EXIT_CONSOLE_FAILED = 2
 
 
 class StartupError(Exception):
-    """The pty or the log file could not be opened; the message says which and why."""
+    """The console or the log file could not be opened; the message says which and why."""
 
 
 class ConsoleService(MultiService):
     """
     The whole daemon. Records why it stopped, so the entry points can exit with the
-    status an operator expects: 0 for a requested stop, 2 when the console went away.
+    status an operator expects: 0 for a requested stop, 2 when the (single) console went
+    away. SIGHUP calls C{on_sighup} (reopen the log file; with many consoles, reload).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, multiplexer: Multiplexer) -> None:
+    def __init__(self, reactor: Any, multiplexer: Multiplexer | None = None) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
         self.multiplexer = multiplexer
         self.exit_status = 0
         self.log_sink: LogFileSink | None = None
+        self.registry: ConsoleRegistry | None = None
         self.site: ConsoleSite | None = None
         self.websocket_factory: ConsoleServerFactory | None = None
+        self.on_sighup: Callable[[], None] | None = None
         self._previous_sighup: Any = None
-        multiplexer.when_console_closed(self._console_closed)
+        if multiplexer is not None:
+            multiplexer.when_console_closed(self._console_closed)
 
     def _console_closed(self, reason: str) -> None:
         self.exit_status = EXIT_CONSOLE_FAILED
@@ -77,10 +81,11 @@ class ConsoleService(MultiService):
 
     def startService(self) -> None:
         MultiService.startService(self)
-        if self.log_sink is not None and hasattr(signal, "SIGHUP"):
-            sink, reactor = self.log_sink, self.reactor
+        handler = self.on_sighup
+        if handler is not None and hasattr(signal, "SIGHUP"):
+            reactor = self.reactor
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(sink.reopen)
+                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(handler)
             )
 
     def stopService(self) -> Any:
@@ -90,65 +95,77 @@ class ConsoleService(MultiService):
         return MultiService.stopService(self)
 
 
-def build_service(options: Any, reactor: Any) -> ConsoleService:
-    """
-    Build the daemon from parsed L{cloud_console.tap.Options}.
-
-    The console and the log file are opened here, before the reactor runs (and before
-    twistd drops privileges), so a console that cannot be opened is reported at once
-    (with C{--reopen} it is shown as down and waited for instead).
-
-    @raise StartupError: the console or the log file cannot be opened.
-    """
-    multiplexer = Multiplexer(
-        options["history-size"],
-        read_only=bool(options["read-only"]),
-        clock=reactor,
-        max_stall=options["max-stall"],
-        lag_window=LAG_WINDOW,
-        head_size=options["head-size"],
-    )
-    follower = ConsoleFollower(
-        options["source"],
-        multiplexer,
-        reactor,
-        raw=not options["no-raw"],
-        reopen=bool(options["reopen"]),
-        run_blocking=_thread_runner(reactor),
-    )
-    try:
-        follower.open_now()
-    except (SourceError, ConsoleOpenError) as e:
-        raise StartupError(str(e)) from e
-
-    def close_console() -> None:
-        if follower.device is not None:
-            follower.device.close()
-
-    console = ConsoleService(reactor, multiplexer)
-    if options["log-file"]:
-        try:
-            sink = LogFileSink(options["log-file"], multiplexer)
-        except LogFileError as e:
-            close_console()
-            raise StartupError(str(e)) from e
-        sink.setServiceParent(console)
-        console.log_sink = sink
-    multiplexer.setServiceParent(console)
-    follower.setServiceParent(console)
-    settings = ConsoleSettings(
-        title=options["title"] or options["pty"],
+def _settings(options: Any, **more: Any) -> ConsoleSettings:
+    return ConsoleSettings(
+        title=options["title"] or options["console"] or "cloud-console",
         client_buffer=options["client-buffer"],
         ack_window=options["ack-window"],
         origins=OriginPolicy(tuple(options["allow-origin"])),
         max_clients=options["max-clients"],
         ping_interval=options["ping-interval"],
+        **more,
     )
+
+
+def _listen(service: ConsoleService, options: Any, site: Any, reactor: Any) -> None:
+    if not (options["password-file"] or options["token-file"]):
+        service._log.info("no --password-file or --token-file: anyone who reaches the port may type")
+    for description in options["port"]:
+        strports.service(description, site, reactor=reactor).setServiceParent(service)
+
+
+def build_service(options: Any, reactor: Any) -> ConsoleService:
+    """
+    Build the daemon from parsed L{cloud_console.tap.Options}: one console (the
+    original's mode) or many (named consoles, C{--config}, C{--console-dir}).
+
+    Consoles and log files are opened here, before the reactor runs (and before twistd
+    drops privileges), so the first request finds them up and a console that cannot be
+    opened is reported at once (followed consoles are shown down and waited for instead;
+    with many consoles, no console stops the process).
+
+    @raise StartupError: the console or the log file cannot be opened (one console), a
+        log file or a credential file cannot (many).
+    """
+    if options["multi"]:
+        return _build_fleet(options, reactor)
+    return _build_single(options, reactor)
+
+
+def _build_single(options: Any, reactor: Any) -> ConsoleService:
+    spec = ConsoleSpec(
+        name=None,
+        source=options["source"],
+        title=options["title"],
+        log_file=options["log-file"],
+        history_size=options["history-size"],
+        head_size=options["head-size"],
+        read_only=bool(options["read-only"]),
+        reopen=bool(options["reopen"]),
+        raw=not options["no-raw"],
+    )
+    try:
+        console = build_console(spec, reactor, ConsoleLimits(options["max-stall"]), _thread_runner(reactor))
+    except LogFileError as e:
+        raise StartupError(str(e)) from e
+    try:
+        console.open_now()
+    except (SourceError, ConsoleOpenError) as e:
+        console.remove("console could not be opened")
+        if console.log_sink is not None:
+            console.log_sink.close(1001, "start-up failed")
+        raise StartupError(str(e)) from e
+    service = ConsoleService(reactor, console.multiplexer)
+    console.setServiceParent(service)
+    service.log_sink = console.log_sink
+    if console.log_sink is not None:
+        service.on_sighup = console.log_sink.reopen
+    settings = _settings(options, refusals=RefusalCounts())
     if settings.origins.allow_any:
-        console._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
+        service._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
     try:
         site, factory = build_site(
-            multiplexer,
+            console.multiplexer,
             settings,
             options["static-dir"],
             password_file=options["password-file"],
@@ -156,15 +173,126 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
             run_in_thread=_thread_runner(reactor),
         )
     except CredentialFileError as e:
-        close_console()
+        if console.follower.device is not None:
+            console.follower.device.close()
         raise StartupError(str(e)) from e
-    if not (options["password-file"] or options["token-file"]):
-        console._log.info("no --password-file or --token-file: anyone who reaches the port may type")
-    console.site = site
-    console.websocket_factory = factory
-    for description in options["port"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(console)
-    return console
+    service.site = site
+    service.websocket_factory = factory
+    _listen(service, options, site, reactor)
+    return service
+
+
+class ConsoleSources:
+    """
+    Where a host's consoles come from, read again on every reload: the command line
+    (fixed), C{--config} (re-read on SIGHUP; a bad new file is logged and the last good
+    one kept) and C{--console-dir} (rescanned on SIGHUP and whenever it changes).
+    """
+
+    _log = Logger()
+
+    def __init__(self, options: Any) -> None:
+        self.command_line: list[ConsoleSpec] = list(options["command-line-consoles"])
+        self.config_path: str | None = options["config"]
+        self.directory: str | None = options["console-dir"]
+        self.defaults = options["defaults"]
+        self._config: list[ConsoleSpec] = []
+        if self.config_path:
+            self._config = load_config(self.config_path, self.defaults)
+
+    def reread_config(self) -> None:
+        """Read C{--config} again; keep the last good one if the new one is bad."""
+        if not self.config_path:
+            return
+        try:
+            config = load_config(self.config_path, self.defaults)
+        except ConfigError as e:
+            self._log.error("config not reloaded, the last good one stays: {error}", error=str(e))
+            return
+        clash = {s.name for s in self.command_line} & {s.name for s in config}
+        if clash:
+            self._log.error(
+                "config not reloaded: {names} named on the command line too",
+                names=", ".join(sorted(n or "" for n in clash)),
+            )
+            return
+        self._config = config
+
+    def specs(self) -> list[ConsoleSpec]:
+        """Every console wanted now: command line, config, then the directory's others."""
+        specs = self.command_line + self._config
+        if self.directory:
+            found, warnings = scan_console_dir(self.directory, self.defaults)
+            for warning in warnings:
+                self._log.warn("console directory: {warning}", warning=warning)
+            taken = {spec.name for spec in specs}
+            for spec in found:
+                if spec.name in taken:
+                    self._log.warn(
+                        "console directory: {name} is configured already; the entry is ignored",
+                        name=spec.name,
+                    )
+                else:
+                    specs.append(spec)
+        return specs
+
+
+def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
+    limits = ConsoleLimits(options["max-stall"])
+    run_blocking = _thread_runner(reactor)
+    registry = ConsoleRegistry(lambda spec: build_console(spec, reactor, limits, run_blocking))
+    try:
+        sources = ConsoleSources(options)
+    except ConfigError as e:
+        raise StartupError(str(e)) from e
+    result = registry.apply(sources.specs(), at_start=True)
+    if result.failed:
+        raise StartupError("; ".join(f"console {n}: {why}" for n, why in result.failed.items()))
+    service = ConsoleService(reactor)
+    service.registry = registry
+    registry.setServiceParent(service)
+    service._log.info(
+        "serving {count} consoles ({up} up)",
+        count=len(registry),
+        up=sum(1 for s in registry.statuses() if s.up),
+    )
+
+    def reload() -> None:
+        sources.reread_config()
+        registry.apply(sources.specs())
+        registry.reopen_logs()
+
+    def rescan() -> None:
+        registry.apply(sources.specs())
+
+    service.on_sighup = reload
+    if sources.directory:
+        ConsoleDirWatcher(sources.directory, rescan, reactor).setServiceParent(service)
+    refusals = RefusalCounts()
+    settings = _settings(
+        options,
+        refusals=refusals,
+        max_clients_total=options["max-clients-total"],
+        total_viewers=lambda: registry.viewer_count,
+    )
+    if settings.origins.allow_any:
+        service._log.warn("--allow-origin '*': any web page may open the consoles' WebSockets")
+    fleet = FleetService(registry, settings, options["static-dir"])
+    try:
+        site = build_fleet_site(
+            fleet,
+            password_file=options["password-file"],
+            token_file=options["token-file"],
+            run_in_thread=run_blocking,
+        )
+    except CredentialFileError as e:
+        raise StartupError(str(e)) from e
+    service.site = site
+    if options["metrics-port"]:
+        metrics_site = ConsoleSite(fleet.metrics_root())
+        strports.service(options["metrics-port"], metrics_site, reactor=reactor).setServiceParent(service)
+    _listen(service, options, site, reactor)
+    return service
 
 
 def _thread_runner(reactor: Any) -> Any:

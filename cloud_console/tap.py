@@ -21,6 +21,7 @@ DEFAULT_ACK_WINDOW = 1024 * 1024
 DEFAULT_MAX_CLIENTS = 256
 DEFAULT_HEAD_SIZE = 256 * 1024
 DEFAULT_PING_INTERVAL = 30.0
+DEFAULT_MAX_CLIENTS_TOTAL = 4096
 
 
 def _number(name: str, kind: type, unit: str, zero_allowed: bool) -> Any:
@@ -75,13 +76,6 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [
-        [
-            "console",
-            None,
-            None,
-            "Where the console is: pty:PATH or a bare path, unix:PATH, "
-            "cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL] (required).",
-        ],
         ["pty", None, None, "Same as --console pty:PATH."],
         ["log-file", None, None, "Append all console output to this file (reopened on SIGHUP)."],
         [
@@ -139,12 +133,38 @@ class Options(usage.Options):
         ],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
         ["title", None, None, "The page's title (default: the console source)."],
+        ["config", None, None, "Serve the consoles of this TOML file ([console.NAME] tables; reloaded on SIGHUP)."],
+        ["console-dir", None, None, "Serve every entry of this directory as a console named after it (watched)."],
+        ["log-dir", None, None, "Each console (of several) logs to DIR/NAME.log."],
+        [
+            "max-clients-total",
+            None,
+            DEFAULT_MAX_CLIENTS_TOTAL,
+            "Viewers at once over all consoles of the process.",
+            _number("max-clients-total", int, "clients", False),
+        ],
+        ["metrics-port", None, None, "Also serve /metrics and /healthz, without credentials, on this endpoint."],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["port"] = []
         self["allow-origin"] = []
+        self["console"] = None
+        self["consoles"] = []
+
+    def opt_console(self, value: str) -> None:
+        """
+        Where a console is: SOURCE for the one console (pty:PATH or a bare path,
+        unix:PATH, cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL]), or
+        NAME=SOURCE, repeatable, for a host's consoles in one process.
+        """
+        from .config import split_console_option
+
+        try:
+            self["consoles"].append(split_console_option(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e))
 
     def opt_allow_origin(self, origin: str) -> None:
         """
@@ -164,19 +184,39 @@ class Options(usage.Options):
         Listen on this Twisted endpoint (repeatable);
         default tcp:port=8080:interface=127.0.0.1.
         """
-        try:
-            serverFromString(None, description)
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise usage.UsageError(f"--port {description!r} is not a valid endpoint: {e}")
+        self._check_endpoint("--port", description)
         self["port"].append(description)
 
     def postOptions(self) -> None:
+        if not self["port"]:
+            self["port"] = [DEFAULT_PORT]
+        if self["static-dir"] is not None:
+            from pathlib import Path
+
+            if not Path(self["static-dir"]).is_dir():
+                raise usage.UsageError(f"--static-dir {self['static-dir']!r} is not a directory")
+        if self["metrics-port"] is not None:
+            self._check_endpoint("--metrics-port", self["metrics-port"])
+        named = [name for name, _ in self["consoles"] if name is not None]
+        self["multi"] = bool(named or self["config"] or self["console-dir"])
+        if self["multi"]:
+            self._multi_console()
+        else:
+            self._single_console()
+
+    def _single_console(self) -> None:
+        """The original's mode: one console, served at /."""
         from .sources import parse_source
 
-        if self["pty"] and self["console"]:
+        consoles = [source for _, source in self["consoles"]]
+        if len(consoles) > 1:
+            raise usage.UsageError(
+                "several --console SOURCE without names: name them (--console "
+                "vm1=SOURCE --console vm2=SOURCE) to serve several consoles"
+            )
+        if self["pty"] and consoles:
             raise usage.UsageError("give --console SOURCE or --pty PATH, not both")
-        if self["pty"]:
-            self["console"] = self["pty"]
+        self["console"] = self["pty"] or (consoles[0] if consoles else None)
         if not self["console"]:
             raise usage.UsageError("--console SOURCE (or --pty PATH) is required")
         try:
@@ -190,15 +230,62 @@ class Options(usage.Options):
                 "keeps (pty:/run/vm1.console), or ask the VMM (qmp:..., "
                 "cloud-hypervisor:...), or a unix: socket."
             )
-        if not self["port"]:
-            self["port"] = [DEFAULT_PORT]
-        if self["static-dir"] is not None:
-            from pathlib import Path
-
-            if not Path(self["static-dir"]).is_dir():
-                raise usage.UsageError(f"--static-dir {self['static-dir']!r} is not a directory")
         if self["title"] is None:
             self["title"] = self["console"]
+        for option in ("log-dir",):
+            if self[option]:
+                raise usage.UsageError(f"--{option} is for several consoles (NAME=SOURCE, --config)")
+
+    def _multi_console(self) -> None:
+        """A host's consoles: named on the command line, in --config, in --console-dir."""
+        from .config import ConfigError, load_config, spec_defaults, spec_for
+
+        for name, source in self["consoles"]:
+            if name is None:
+                raise usage.UsageError(
+                    f"--console {source!r} has no name: with several consoles (NAME=SOURCE, "
+                    "--config, --console-dir) every one is named, e.g. --console vm1=" + source
+                )
+        for option, instead in (("pty", "--console NAME=SOURCE"), ("log-file", "--log-dir or a console's log-file"),
+                                ("title", "a console's title in --config")):
+            if self[option]:
+                raise usage.UsageError(f"--{option} is for one console; with several use {instead}")
+        self["defaults"] = {
+            "history-size": self["history-size"],
+            "head-size": self["head-size"],
+            "read-only": bool(self["read-only"]),
+            "raw": not self["no-raw"],
+            "log-dir": self["log-dir"],
+        }
+        specs = []
+        seen: set[str] = set()
+        for name, source in self["consoles"]:
+            assert name is not None
+            if name in seen:
+                raise usage.UsageError(f"--console {name}=...: the name {name} is given twice")
+            seen.add(name)
+            try:
+                specs.append(spec_for(name, source, "command line", **spec_defaults(self["defaults"], name)))
+            except ValueError as e:
+                raise usage.UsageError(f"--console {name}={source}: {e}")
+        self["command-line-consoles"] = specs
+        if self["config"]:
+            try:
+                from_config = load_config(self["config"], self["defaults"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
+            both = sorted(seen & {spec.name or "" for spec in from_config})
+            if both:
+                raise usage.UsageError(
+                    f"console {', '.join(both)} is named both on the command line and in {self['config']}"
+                )
+
+    @staticmethod
+    def _check_endpoint(option: str, description: str) -> None:
+        try:
+            serverFromString(None, description)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}")
 
 
 def makeService(options: Options) -> IService:

@@ -1,6 +1,7 @@
 """
-The one port: the terminal page and its assets at C{/}, the console at C{/ws}, and the
-history as a download at C{/history}.
+The one port. One console: the terminal page and its assets at C{/}, the console at
+C{/ws}, and the history as a download at C{/history}. Many consoles: the same for each
+under C{/c/NAME/}, the index page at C{/}, C{/api/consoles}, C{/healthz} and C{/metrics}.
 
 Everything the page needs is served from here (no external requests), under a strict
 Content-Security-Policy, with text assets gzipped and directory listings off.
@@ -9,16 +10,21 @@ Content-Security-Policy, with text assets gzipped and directory listings off.
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
-from twisted.web import http, pages, resource, static
+from twisted.internet.defer import Deferred
+from twisted.web import http, pages, resource, server, static
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
-from .access import build_gate
+from .access import Access, AuthGate, build_gate
+from .console import Console, ConsoleStatus
+from .metrics import MetricsPage, RefusalCounts, metrics_registry
 from .multiplexer import Multiplexer
+from .registry import ConsoleRegistry
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Types set explicitly: the system's mime table (which L{static.File} reads) may lack
@@ -224,11 +230,246 @@ def build_site(
     if not (password_file or token_file):
         return ConsoleSite(build_tree(multiplexer, factory, static_dir), timeout=HTTP_IDLE_TIMEOUT), factory
 
-    def tree_for(read_only: bool) -> resource.IResource:
+    def tree_for(access: Access) -> resource.IResource:
         chosen = factory
-        if read_only:
+        if access.read_only:
             chosen = ConsoleServerFactory(multiplexer, settings, read_only=True)
         return build_tree(multiplexer, chosen, static_dir)
 
-    gate = build_gate(tree_for, password_file, token_file, run_in_thread)
+    refusals = settings.refusals
+    gate = build_gate(
+        tree_for, password_file, token_file, run_in_thread,
+        on_refused=refusals.count if refusals is not None else None,
+    )
     return ConsoleSite(gate, timeout=HTTP_IDLE_TIMEOUT), factory
+
+
+# -- many consoles -------------------------------------------------------------------------
+
+#: The index page, beside the console page in the built assets.
+INDEX_PAGE = "consoles.html"
+
+
+class FleetFiles(StaticFiles):
+    """The built assets, with the index page (not the console page) at the root."""
+
+    indexNames = [INDEX_PAGE]
+
+
+def _json(request: Request, body: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+def _console_json(status: ConsoleStatus) -> dict[str, Any]:
+    return {
+        "name": status.name,
+        "title": status.title,
+        "state": "up" if status.up else "down",
+        "reason": status.reason,
+        "since": status.since,
+        "viewers": status.viewers,
+        "bytesOut": status.bytes_out,
+        "lastOutput": status.last_output,
+        "url": f"c/{status.name}/",
+    }
+
+
+def _totals(statuses: list[ConsoleStatus]) -> dict[str, int]:
+    up = sum(1 for s in statuses if s.up)
+    return {
+        "consoles": len(statuses),
+        "up": up,
+        "down": len(statuses) - up,
+        "viewers": sum(s.viewers for s in statuses),
+    }
+
+
+class ConsoleList(resource.Resource):
+    """C{GET /api/consoles}: the consoles this credential may see, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, statuses: Callable[[], list[ConsoleStatus]]) -> None:
+        resource.Resource.__init__(self)
+        self.statuses = statuses
+
+    def render_GET(self, request: Request) -> bytes:
+        statuses = self.statuses()
+        return _json(
+            request,
+            {"consoles": [_console_json(s) for s in statuses], "totals": _totals(statuses)},
+        )
+
+
+class Health(resource.Resource):
+    """
+    C{GET /healthz}: 200 when every console is up, 503 otherwise (for supervisors and load
+    balancers), with counts; the consoles that are down are named only to a request that
+    may see them (a credential, or no authentication at all, or the metrics port).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        registry: ConsoleRegistry,
+        identify: Callable[[Request], Deferred[Access | None]] | None = None,
+    ) -> None:
+        resource.Resource.__init__(self)
+        self.registry = registry
+        self.identify = identify
+
+    def render_GET(self, request: Request) -> Any:
+        if self.identify is None:
+            return self._answer(request, EVERYONE)
+        d = self.identify(request)
+
+        def answer(access: Access | None) -> None:
+            request.write(self._answer(request, access))
+            request.finish()
+
+        d.addCallback(answer)
+        d.addErrback(lambda failure: request.processingFailed(failure))
+        return server.NOT_DONE_YET
+
+    def _answer(self, request: Request, access: Access | None) -> bytes:
+        statuses = self.registry.statuses()
+        totals = _totals(statuses)
+        body: dict[str, Any] = {
+            "status": "ok" if totals["down"] == 0 else "down",
+            "consoles": totals["consoles"],
+            "up": totals["up"],
+            "down": totals["down"],
+        }
+        if access is not None:
+            body["downConsoles"] = [
+                {"name": s.name, "reason": s.reason, "since": s.since}
+                for s in statuses
+                if not s.up and access.may_see(s.name)
+            ]
+        return _json(request, body, 200 if totals["down"] == 0 else 503)
+
+
+#: Who is asking when nobody needs to ask: no authentication, or the metrics port.
+EVERYONE = Access("anyone", read_only=False)
+
+
+class ConsolePages(resource.Resource):
+    """C{/c/NAME/...}: console NAME's page, WebSocket and history, if this access may see it."""
+
+    def __init__(self, registry: ConsoleRegistry, access: Access, tree_for: Callable[[Console, bool], resource.IResource]) -> None:
+        resource.Resource.__init__(self)
+        self.registry = registry
+        self.access = access
+        self.tree_for = tree_for
+
+    def getChild(self, path: bytes, request: Request) -> resource.IResource:
+        try:
+            name = path.decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        console = self.registry.get(name) if name else None
+        if console is None or not self.access.may_see(name):
+            # 404 either way: the names of consoles a credential may not see are not told.
+            not_found: resource.IResource = pages.notFound()
+            return not_found
+        return self.tree_for(console, self.access.read_only)
+
+
+class FleetService:
+    """What the many-console site needs from the server: its consoles and shared settings."""
+
+    def __init__(
+        self,
+        registry: ConsoleRegistry,
+        settings: ConsoleSettings,
+        static_dir: str | Path | None,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.where = Path(static_dir) if static_dir is not None else packaged_assets()
+        self.refusals = settings.refusals or RefusalCounts()
+
+    def console_tree(self, console: Console, read_only: bool) -> resource.IResource:
+        """Console C{console}'s page, C{ws} and C{history} (made once per console and mode)."""
+        key = ("tree", read_only)
+        tree = console.resources.get(key)
+        if tree is None:
+            factory = ConsoleServerFactory(
+                console.multiplexer, self.settings, read_only=read_only, title=lambda: console.spec.title
+            )
+            tree = console.resources[key] = build_tree(console.multiplexer, factory, self.where)
+        return tree
+
+    def statuses_for(self, access: Access) -> Callable[[], list[ConsoleStatus]]:
+        return lambda: [s for s in self.registry.statuses() if access.may_see(s.name)]
+
+    def root_for(self, access: Access) -> resource.IResource:
+        """Everything a credential with C{access} may reach (but C{/healthz})."""
+        root: resource.Resource
+        if (self.where / INDEX_PAGE).is_file():
+            root = FleetFiles(str(self.where))
+        else:
+            Logger().warn("index page not found in {where}", where=str(self.where))
+            root = resource.Resource()
+            root.putChild(b"", MissingFrontend(self.where))
+        root.putChild(b"c", ConsolePages(self.registry, access, self.console_tree))
+        api = resource.Resource()
+        api.putChild(b"consoles", ConsoleList(self.statuses_for(access)))
+        root.putChild(b"api", api)
+        registry = metrics_registry(self.statuses_for(access), self.refusals, process=False)
+        root.putChild(b"metrics", MetricsPage(lambda request: registry))
+        return root
+
+    def metrics_root(self) -> resource.IResource:
+        """C{--metrics-port}: C{/metrics} and C{/healthz} in full, for a management address."""
+        root = resource.Resource()
+        registry = metrics_registry(self.registry.statuses, self.refusals)
+        root.putChild(b"metrics", MetricsPage(lambda request: registry))
+        root.putChild(b"healthz", Health(self.registry))
+        return root
+
+
+class _PublicHealth(resource.Resource):
+    """C{/healthz} answered before (and without) the credential check; the rest goes on."""
+
+    def __init__(self, health: resource.IResource, rest: resource.IResource) -> None:
+        resource.Resource.__init__(self)
+        self.health = health
+        self.rest = rest
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> resource.IResource:
+        if path == b"healthz":
+            return self.health
+        # Hand the segment back to the tree that resolves it, as the auth gate does.
+        assert request.postpath is not None and request.prepath is not None
+        request.postpath.insert(0, request.prepath.pop())
+        return self.rest
+
+    def render(self, request: Request) -> Any:
+        return self.rest.render(request)
+
+
+def build_fleet_site(
+    fleet: FleetService,
+    password_file: str | None = None,
+    token_file: str | None = None,
+    run_in_thread: Any = None,
+) -> ConsoleSite:
+    """
+    The many-console site (index, API, health, metrics, C{/c/NAME/}).
+
+    @raise cloud_console.access.CredentialFileError: a credential file is unusable.
+    """
+    if not (password_file or token_file):
+        rest = fleet.root_for(EVERYONE)
+        root = _PublicHealth(Health(fleet.registry), rest)
+        return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
+    gate: AuthGate = build_gate(
+        fleet.root_for, password_file, token_file, run_in_thread, on_refused=fleet.refusals.count
+    )
+    root = _PublicHealth(Health(fleet.registry, gate.identify), gate)
+    return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .access import OriginPolicy
+from .metrics import RefusalCounts
 from .multiplexer import (
     CLOSE_LAGGING,
     Attachment,
@@ -62,6 +63,12 @@ class ConsoleSettings:
     max_clients: int = 256
     #: Seconds between keep-alive pings; a peer silent for twice that is dropped.
     ping_interval: float = 30.0
+    #: Viewers at once over every console of the process (0: no limit), and how many
+    #: there are now.
+    max_clients_total: int = 0
+    total_viewers: Callable[[], int] | None = None
+    #: Where refused upgrades are counted (for /metrics).
+    refusals: RefusalCounts | None = None
 
 
 @implementer(IPushProducer)
@@ -125,6 +132,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
                 origin=request.origin,
                 host=hosts[0],
             )
+            self._refused("origin")
             raise ConnectionDeny(403, "origin not allowed")
         if self.factory.multiplexer.viewer_count >= settings.max_clients:
             self._log.warn(
@@ -132,6 +140,17 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
                 peer=request.peer,
                 clients=settings.max_clients,
             )
+            self._refused("limit")
+            raise ConnectionDeny(503, "too many clients")
+        total = settings.total_viewers
+        if settings.max_clients_total and total is not None and total() >= settings.max_clients_total:
+            self._log.warn(
+                "refused WebSocket from {peer}: {clients} clients on all consoles already "
+                "(--max-clients-total)",
+                peer=request.peer,
+                clients=settings.max_clients_total,
+            )
+            self._refused("limit")
             raise ConnectionDeny(503, "too many clients")
         self.v1 = SUBPROTOCOL_V1 in request.protocols
         if self.v1:
@@ -148,6 +167,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
                 self._resume_session = sessions[0] if sessions else None
             return SUBPROTOCOL_V1
         return None
+
+    def _refused(self, reason: str) -> None:
+        refusals = self.factory.settings.refusals
+        if refusals is not None:
+            refusals.count(reason)
 
     def onOpen(self) -> None:
         """
@@ -198,7 +222,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             "hello",
             version=1,
             session=multiplexer.session,
-            title=self.factory.settings.title,
+            title=self.factory.title(),
             offset=self._acked,
             historyStart=multiplexer.replay_start,
             historyEnd=history.end,
@@ -374,11 +398,16 @@ class ConsoleServerFactory(WebSocketServerFactory):
     protocol = ConsoleServerProtocol  # type: ignore[assignment]
 
     def __init__(
-        self, multiplexer: Multiplexer, settings: ConsoleSettings, read_only: bool = False
+        self,
+        multiplexer: Multiplexer,
+        settings: ConsoleSettings,
+        read_only: bool = False,
+        title: Callable[[], str] | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="cloud-console")
         self.multiplexer = multiplexer
         self.settings = settings
+        self._title = title
         #: Whether this factory's viewers (a read-only credential's) may not type.
         self.read_only = read_only
         # One call: each call resets the options it is not given.
@@ -402,6 +431,10 @@ class ConsoleServerFactory(WebSocketServerFactory):
             # Output is framed once and shared; per-client compression would undo that.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def title(self) -> str:
+        """The console's title now (a reload may change it in place)."""
+        return self._title() if self._title is not None else self.settings.title
 
     def frame_raw(self, chunk: Chunk) -> Any:
         """The original protocol's frame: the bytes alone."""

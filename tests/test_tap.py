@@ -14,7 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloud_console.cli import CommandLineError, positional_to_options
-from cloud_console.follow import ConsoleFollower
+from cloud_console.console import Console
 from cloud_console.service import ConsoleService, StartupError, build_service
 from cloud_console.tap import DEFAULT_PORT, Options
 from cloud_console.websocket import ConsoleServerFactory
@@ -171,16 +171,18 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_service_order(self) -> None:
         """
-        Services stop in reverse order: the ports first, then the multiplexer (the
-        clients, then the console), and the log sink last, so it still logs what the
-        console says while the clients close.
+        Services stop in reverse order: the ports first, then the console: its follower
+        (no more reopening), its multiplexer (the clients, then the device), and its log
+        sink last, so it still logs what the console says while the clients close.
         """
         console = build_service(parse("--pty", self.path, "--log-file", self.mktemp()), self.reactor)
-        children = list(console)
-        self.assertIs(children[0], console.log_sink)
-        self.assertIs(children[1], console.multiplexer)
-        self.assertIsInstance(children[2], ConsoleFollower)
-        self.assertNotIn(console.log_sink, children[3:])
+        [console_service, *ports] = list(console)
+        self.assertIsInstance(console_service, Console)
+        self.assertTrue(ports)
+        self.assertEqual(
+            list(console_service),
+            [console.log_sink, console.multiplexer, console_service.follower],
+        )
 
     def test_reopen_waits_for_a_missing_console(self) -> None:
         """
