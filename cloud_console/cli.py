@@ -20,6 +20,7 @@ from twisted.python import usage
 
 USAGE = """\
 usage: cloud-console <path_to_pty> <bind_ip> <bind_port> [<log_file>] [options]
+       cloud-console --console NAME=SOURCE ... | --config FILE | --console-dir DIR [options]
        cloud-console --demo [<bind_ip> <bind_port>]
 
   path_to_pty  the pty slave to serve, e.g. /dev/pts/7, or any console SOURCE:
@@ -35,7 +36,9 @@ Options (as for `twistd cloudconsole`): --reopen, --head-size N, --history-size 
 --ping-interval S, --client-buffer N,
 --ack-window N, --static-dir DIR, --title T, --no-raw, --read-only, --port ENDPOINT
 (listen on more endpoints), --allow-origin ORIGIN, --max-clients N,
---password-file F, --token-file F. `cloud-console --help` lists them all.
+--password-file F, --token-file F; for many consoles: --console NAME=SOURCE
+(repeatable), --config FILE, --console-dir DIR, --log-dir DIR, --max-clients-total N,
+--metrics-port ENDPOINT. `cloud-console --help` lists them all.
 """
 
 EXIT_USAGE = 1
@@ -56,7 +59,8 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
                    "--title", "--port", "--log-file", "--pty", "--allow-origin",
                    "--max-clients", "--password-file", "--token-file", "--max-stall",
-                   "--console", "--head-size", "--ping-interval"}
+                   "--console", "--head-size", "--ping-interval", "--config", "--console-dir",
+                   "--log-dir", "--max-clients-total", "--metrics-port"}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -71,6 +75,10 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
                 options.append(args.pop(0))
         else:
             positional.append(arg)
+    if not positional and any(
+        option in options for option in ("--console", "--pty", "--config", "--console-dir")
+    ):
+        return options  # the option form: cloud-console --console vm1=SOURCE --port ...
     if len(positional) < 3:
         raise CommandLineError("missing arguments")
     if len(positional) > 4:
