@@ -114,6 +114,26 @@ def _listen(service: ConsoleService, options: Any, site: Any, reactor: Any) -> N
         strports.service(description, site, reactor=reactor).setServiceParent(service)
 
 
+def raise_descriptor_limit() -> None:
+    """
+    Raise the soft limit on open descriptors to the hard one: every console holds one
+    (a pty or a socket) and every viewer another, and the usual soft limit of 1,024 would
+    stop a host's consoles well short of what the hard limit (and memory) allow.
+    """
+    try:
+        import resource as rlimits
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = rlimits.getrlimit(rlimits.RLIMIT_NOFILE)
+    # Linux refuses an infinite soft limit for descriptors (it caps them at nr_open).
+    target = hard if hard != rlimits.RLIM_INFINITY else 1 << 20
+    if soft != rlimits.RLIM_INFINITY and soft < target:
+        try:
+            rlimits.setrlimit(rlimits.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep the limit we have; a console that cannot open says why
+
+
 def build_service(options: Any, reactor: Any) -> ConsoleService:
     """
     Build the daemon from parsed L{cloud_console.tap.Options}: one console (the
@@ -127,6 +147,7 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
     @raise StartupError: the console or the log file cannot be opened (one console), a
         log file or a credential file cannot (many).
     """
+    raise_descriptor_limit()
     if options["multi"]:
         return _build_fleet(options, reactor)
     return _build_single(options, reactor)
