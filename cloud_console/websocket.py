@@ -1,13 +1,9 @@
 """
 The WebSocket side of the console: one Autobahn protocol per browser.
 
-Two protocols share the connection class:
-
- - no subprotocol: the original's protocol, byte for byte. Output is binary messages of
-   pty bytes (history first); input is any message, text as UTF-8;
- - C{cloud-console.v1}: output messages carry their offset, the client acknowledges what
-   it has rendered, can resume from an offset after a reconnect, and hears status events
-   (clients, gaps, closing) as JSON text, never mixed into the terminal's bytes.
+The connection class does the handshake, flow control and teardown; the two protocols
+it may speak (the original's, and C{cloud-console.v1}) are its dialects
+(L{cloud_console.dialects}).
 
 Flow control is the multiplexer's pause/cursor mechanism, driven from two places: the
 transport (a push producer registered here is paused when more than C{client_buffer}
@@ -17,8 +13,6 @@ C{ack_window} bytes are sent but not yet rendered by the page).
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,20 +24,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .access import OriginPolicy
+from .dialects import SUBPROTOCOL_V1, OriginalDialect, V1Dialect, frame_raw, frame_v1
 from .metrics import RefusalCounts
-from .multiplexer import (
-    CLOSE_LAGGING,
-    Attachment,
-    Chunk,
-    IConsoleClient,
-    Multiplexer,
-    skip_marker,
-)
+from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
 
-#: The subprotocol with offsets, acknowledgements, resume and status messages.
-SUBPROTOCOL_V1 = "cloud-console.v1"
-
-_OFFSET = struct.Struct("!Q")
+__all__ = ["SUBPROTOCOL_V1", "ConsoleServerFactory", "ConsoleServerProtocol", "ConsoleSettings"]
 
 
 @dataclass
@@ -97,31 +82,34 @@ class _TransportFlow:
 
 @implementer(IConsoleClient)
 class ConsoleServerProtocol(WebSocketServerProtocol):
-    """One browser (or any WebSocket client) attached to the console."""
+    """
+    One browser (or any WebSocket client) attached to the console: the handshake
+    (origin, limits, which dialect), flow control, attaching and closing. What the
+    console says is put in words by the connection's dialect (L{cloud_console.dialects}).
+    """
 
     _log = Logger()
     factory: ConsoleServerFactory
 
     attachment: Attachment | None = None
-    v1 = False
-    _resume_from: int | None = None
-    _resume_session: str | None = None
-    _acked = 0
-    #: Ranges [from, to) skipped by gaps after the acknowledged offset: sent offsets jump
-    #: over them, so they do not count as unacknowledged.
-    _skipped: list[tuple[int, int]] = []
+    dialect: OriginalDialect | V1Dialect
     _closed: Deferred[None] | None = None
     _gone = False
-    _peer = "?"
+    peer_name = "?"
+
+    @property
+    def v1(self) -> bool:
+        """Whether this connection speaks cloud-console.v1."""
+        return isinstance(self.dialect, V1Dialect)
 
     # -- handshake -------------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         """
-        Refuse foreign origins and upgrades past the client limit; pick the protocol and
+        Refuse foreign origins and upgrades past the client limits; pick the dialect and
         note where a resuming v1 client wants to start.
         """
-        self._peer = request.peer
+        self.peer_name = request.peer
         settings = self.factory.settings
         hosts = (request.headers.get("host"), request.headers.get("x-forwarded-host"))
         if not settings.origins.permits(request.origin, hosts):
@@ -152,21 +140,23 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             )
             self._refused("limit")
             raise ConnectionDeny(503, "too many clients")
-        self.v1 = SUBPROTOCOL_V1 in request.protocols
-        if self.v1:
-            values = request.params.get("from")
-            if values:
-                try:
-                    resume_from = int(values[0])
-                    if resume_from < 0:
-                        raise ValueError
-                except ValueError:
-                    raise ConnectionDeny(400, "'from' must be a byte offset (an integer >= 0)")
-                self._resume_from = resume_from
-                sessions = request.params.get("session")
-                self._resume_session = sessions[0] if sessions else None
-            return SUBPROTOCOL_V1
-        return None
+        if SUBPROTOCOL_V1 not in request.protocols:
+            self.dialect = OriginalDialect(self)
+            return None
+        resume_from = None
+        session = None
+        values = request.params.get("from")
+        if values:
+            try:
+                resume_from = int(values[0])
+                if resume_from < 0:
+                    raise ValueError
+            except ValueError:
+                raise ConnectionDeny(400, "'from' must be a byte offset (an integer >= 0)")
+            sessions = request.params.get("session")
+            session = sessions[0] if sessions else None
+        self.dialect = V1Dialect(self, resume_from, session)
+        return SUBPROTOCOL_V1
 
     def _refused(self, reason: str) -> None:
         refusals = self.factory.settings.refusals
@@ -194,159 +184,40 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         if multiplexer.closed_reason is not None:
             self.close(4001, f"console closed: {multiplexer.closed_reason}")
             return
-        resume_from = None
-        if self.v1:
-            resume_from = self._start_v1(multiplexer)
+        resume_from = self.dialect.start(multiplexer)
         # Register first, then send: the transport may pause us while the history goes out.
         self.attachment = multiplexer.attach(
             self, resume_from, start=False, read_only=self.factory.read_only
         )
         multiplexer.start(self.attachment)
 
-    def _start_v1(self, multiplexer: Multiplexer) -> int | None:
-        """
-        Say hello, and decide where this client's stream starts: after the offset it
-        holds if it is resuming this session, else the whole history. A client resuming
-        another session (the server restarted) is told to reset first.
-        """
-        history = multiplexer.history
-        offset = self._resume_from
-        session = self._resume_session
-        restarted = offset is not None and (
-            (session is not None and session != multiplexer.session) or offset > history.end
-        )
-        if offset is None or restarted:
-            offset = None
-        self._acked = multiplexer.replay_start if offset is None else offset
-        self._send_event(
-            "hello",
-            version=1,
-            session=multiplexer.session,
-            title=self.factory.title(),
-            offset=self._acked,
-            historyStart=multiplexer.replay_start,
-            historyEnd=history.end,
-            clients=multiplexer.viewer_count + 1,
-            readOnly=multiplexer.read_only or self.factory.read_only,
-        )
-        if not multiplexer.up:
-            self.console_state(False, multiplexer.state_reason, multiplexer.state_since)
-        if restarted:
-            self._send_event(
-                "gap",
-                reason="restart",
-                lost=None,
-                **{"from": None, "to": multiplexer.replay_start},
-            )
-        return offset
-
-    # -- input -----------------------------------------------------------------------
-
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        """Binary is input; text is input (original protocol) or a v1 control message."""
         attachment = self.attachment
-        if attachment is None:
-            return
-        if isBinary or not self.v1:
-            refused = attachment.send_input(payload)
-            if refused is not None and self.v1:
-                self._send_event(
-                    "input-discarded", bytes=attachment.input_discarded, reason=refused
-                )
-            return
-        self._control(payload)
-
-    def _control(self, payload: bytes) -> None:
-        try:
-            message = json.loads(payload)
-            kind = message["type"]
-        except (ValueError, TypeError, KeyError):
-            self._log.info("peer {peer} sent a malformed control message", peer=self._peer)
-            self.sendClose(4002, "malformed control message")
-            return
-        if kind == "ack":
-            offset = message.get("offset")
-            if not isinstance(offset, int) or isinstance(offset, bool):
-                self.sendClose(4002, "ack offset must be an integer")
-                return
-            self.acknowledge(offset)
-        else:
-            self._log.debug("peer {peer} sent unknown control {kind!r}", peer=self._peer, kind=kind)
-
-    def acknowledge(self, offset: int) -> None:
-        """The page has rendered every byte before C{offset}."""
-        attachment = self.attachment
-        if attachment is None:
-            return
-        offset = min(offset, attachment.cursor)
-        if offset <= self._acked:
-            return
-        self._acked = offset
-        if self._skipped:
-            self._skipped = [(f, t) for f, t in self._skipped if t > offset]
-        if "acks" in attachment.pause_reasons:
-            if self._unacknowledged(attachment) <= self.factory.settings.ack_window // 2:
-                attachment.resume("acks")
-
-    def _unacknowledged(self, attachment: Attachment) -> int:
-        """Bytes sent to the page and not yet rendered, gaps not counted."""
-        acked = self._acked
-        unacked = attachment.cursor - acked
-        for lost_from, lost_to in self._skipped:
-            unacked -= lost_to - max(lost_from, acked)
-        return unacked
+        if attachment is not None:
+            self.dialect.message(attachment, payload, isBinary)
 
     # -- IConsoleClient --------------------------------------------------------------
 
     def output(self, chunk: Chunk) -> None:
-        if self.v1:
-            self.sendPreparedMessage(chunk.framed("v1", self.factory.frame_v1))
-            attachment = self.attachment
-            if attachment is not None:
-                if self._unacknowledged(attachment) > self.factory.settings.ack_window:
-                    attachment.pause("acks")
-        else:
-            self.sendPreparedMessage(chunk.framed("raw", self.factory.frame_raw))
+        self.dialect.output(chunk)
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
-        """
-        v1: announce the gap and carry on from the oldest byte held (the page resets
-        its terminal). The original protocol has no way to say so, so the client is
-        closed with the "lagging" code and reconnects to repaint from the history.
-        """
-        lost = lost_to - lost_from
         self._log.info(
-            "peer {peer} lost {lost} bytes ({reason})", peer=self._peer, lost=lost, reason=reason
+            "peer {peer} lost {lost} bytes ({reason})",
+            peer=self.peer_name,
+            lost=lost_to - lost_from,
+            reason=reason,
         )
-        if self.v1:
-            # What was sent before the gap is still on its way to the page: it stays
-            # unacknowledged; only the skipped range is not owed an ack.
-            self._skipped = [*self._skipped, (max(lost_from, self._acked), lost_to)]
-            self._send_event("gap", reason=reason, lost=lost, **{"from": lost_from, "to": lost_to})
-            return True
-        self.close(CLOSE_LAGGING, f"lagging: {lost} bytes fell out of the history")
-        return False
+        return self.dialect.gap(lost_from, lost_to, reason)
 
     def skip(self, skip_from: int, skip_to: int) -> None:
-        """
-        v1: say which bytes are skipped (the page marks the place, no reset). The
-        original protocol has only the byte stream: a marker line goes in it.
-        """
-        skipped = skip_to - skip_from
-        if self.v1:
-            self._skipped = [*self._skipped, (max(skip_from, self._acked), skip_to)]
-            self._send_event("skip", bytes=skipped, **{"from": skip_from, "to": skip_to})
-        else:
-            self.sendMessage(skip_marker(skipped), isBinary=True)
+        self.dialect.skip(skip_from, skip_to)
 
     def clients_changed(self, count: int) -> None:
-        if self.v1:
-            self._send_event("clients", count=count)
+        self.dialect.clients_changed(count)
 
     def console_state(self, up: bool, reason: str, since: str) -> None:
-        """v1: the console went down or came back (the original protocol cannot say)."""
-        if self.v1:
-            self._send_event("console", state="up" if up else "down", reason=reason, since=since)
+        self.dialect.console_state(up, reason, since)
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         """Send a close frame with C{code} and C{reason}; fires once the peer is gone."""
@@ -354,9 +225,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             return succeed(None)
         closed = self._closed
         self.detach()
-        if self.v1 and code == 4001:
-            why = self.factory.multiplexer.closed_reason or reason
-            self._send_event("closed", reason=why)
+        self.dialect.closing(code, reason)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
         d: Deferred[None] = Deferred()
@@ -384,12 +253,6 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         closed, self._closed = self._closed, None
         if closed is not None:
             closed.callback(None)
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _send_event(self, kind: str, **fields: Any) -> None:
-        fields["type"] = kind
-        self.sendMessage(json.dumps(fields).encode("utf-8"), isBinary=False)
 
 
 class ConsoleServerFactory(WebSocketServerFactory):
@@ -437,9 +300,9 @@ class ConsoleServerFactory(WebSocketServerFactory):
         return self._title() if self._title is not None else self.settings.title
 
     def frame_raw(self, chunk: Chunk) -> Any:
-        """The original protocol's frame: the bytes alone."""
-        return self.prepareMessage(chunk.data, isBinary=True)
+        """The original protocol's frame (built once per chunk, shared by its clients)."""
+        return frame_raw(self, chunk)
 
     def frame_v1(self, chunk: Chunk) -> Any:
-        """The v1 frame: the offset of the first byte, then the bytes."""
-        return self.prepareMessage(_OFFSET.pack(chunk.offset) + chunk.data, isBinary=True)
+        """The v1 frame (built once per chunk, shared by its clients)."""
+        return frame_v1(self, chunk)

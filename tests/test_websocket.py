@@ -307,7 +307,7 @@ class V1ProtocolTests(SiteTestCase):
         client = self.client(protocols=[SUBPROTOCOL_V1])
         self.multiplexer.output_received(b"v" * 100)
         client.send(OP_TEXT, b'{"type": "ack", "offset": 99999}')
-        self.assertEqual(client.protocol._acked, 100)
+        self.assertEqual(client.protocol.dialect.acked, 100)
 
     def test_lagging_gap_not_close(self) -> None:
         """A v1 client that fell out of the history gets a gap notice and carries on."""
@@ -514,7 +514,7 @@ class HeadAndConsoleStateTests(SynchronousTestCase):
         self.assertEqual(skip.json(), {"type": "skip", "from": 5, "to": 40, "bytes": 35})
         self.assertEqual(tail.payload, struct.pack("!Q", 40) + data[40:])
         protocol = client.protocol
-        self.assertEqual(protocol._unacknowledged(protocol.attachment), 15)
+        self.assertEqual(protocol.dialect.unacknowledged(protocol.attachment), 15)
 
     def test_original_protocol_gets_a_marker_line(self) -> None:
         """The original protocol has only bytes: a marker line stands for the skip."""
