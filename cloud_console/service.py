@@ -218,6 +218,7 @@ class ConsoleSources:
         self.directory: str | None = options["console-dir"]
         self.defaults = options["defaults"]
         self._config: list[ConsoleSpec] = []
+        self._warned: set[str] = set()
         if self.config_path:
             self._config = load_config(self.config_path, self.defaults)
 
@@ -245,7 +246,9 @@ class ConsoleSources:
         if self.directory:
             found, warnings = scan_console_dir(self.directory, self.defaults)
             for warning in warnings:
-                self._log.warn("console directory: {warning}", warning=warning)
+                if warning not in self._warned:  # once, not at every rescan
+                    self._log.warn("console directory: {warning}", warning=warning)
+            self._warned = set(warnings)
             taken = {spec.name for spec in specs}
             for spec in found:
                 if spec.name in taken:
@@ -289,6 +292,8 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
     service.on_sighup = reload
     if sources.directory:
         ConsoleDirWatcher(sources.directory, rescan, reactor).setServiceParent(service)
+        # Once the watcher watches: an entry made between the first scan and then counts.
+        reactor.callWhenRunning(rescan)
     refusals = RefusalCounts()
     settings = _settings(
         options,
