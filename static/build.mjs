@@ -1,4 +1,6 @@
-// Build the page: bundle src/ into index.html, app.js, app.css and fonts/.
+// Build the pages: bundle src/ into index.html, app.js, app.css (the console
+// page), consoles.html, consoles.js, consoles.css (the index of consoles) and
+// the fonts/ both use.
 //
 //   npm run build               writes into ../cloud_console/web_assets (served by the package)
 //   npm run build -- DIR        writes into DIR (for --static-dir)
@@ -22,17 +24,25 @@ const outdir = target
 // Packages whose code or fonts end up in the output.
 const BUNDLED = ['@xterm/xterm', '@xterm/addon-fit', '@fontsource-variable/jetbrains-mono'];
 
+// Each page: its HTML (copied from src/) and the script bundled into ENTRY.js
+// (and the styles it imports into ENTRY.css). One esbuild run per page, so that
+// neither page's bundle holds the other's code.
+const PAGES = [
+  { html: 'index.html', entry: 'app', script: 'main.js' },
+  { html: 'consoles.html', entry: 'consoles', script: 'consoles.js' },
+];
+
 async function clean() {
   await mkdir(outdir, { recursive: true });
   await rm(path.join(outdir, 'fonts'), { recursive: true, force: true });
-  for (const name of ['index.html', 'app.js', 'app.css', 'licenses.txt']) {
+  for (const name of [...PAGES.flatMap(({ html, entry }) => [html, `${entry}.js`, `${entry}.css`]), 'licenses.txt']) {
     await rm(path.join(outdir, name), { force: true });
   }
 }
 
-async function bundle() {
+async function bundle({ entry, script }) {
   await esbuild.build({
-    entryPoints: { app: path.join(here, 'src', 'main.js') },
+    entryPoints: { [entry]: path.join(here, 'src', script) },
     outdir,
     bundle: true,
     minify: true,
@@ -45,9 +55,9 @@ async function bundle() {
   });
 }
 
-async function page() {
-  const html = await readFile(path.join(here, 'src', 'index.html'), 'utf8');
-  await writeFile(path.join(outdir, 'index.html'), html.replace(/\n\s*/g, '\n'));
+async function page({ html }) {
+  const text = await readFile(path.join(here, 'src', html), 'utf8');
+  await writeFile(path.join(outdir, html), text.replace(/\n\s*/g, '\n'));
 }
 
 async function licenses() {
@@ -62,7 +72,9 @@ async function licenses() {
 }
 
 await clean();
-await bundle();
-await page();
+for (const spec of PAGES) {
+  await bundle(spec);
+  await page(spec);
+}
 await licenses();
 console.log(`cloud-console page built in ${outdir}`);
