@@ -1,6 +1,6 @@
 """
-Shared test helpers: WebSocket framing by hand, a site on a StringTransport, and a real
-cloud-console.v1 client.
+The one test harness: WebSocket framing by hand, a site on a StringTransport, a real
+cloud-console.v1 client, the guest's side of a real pty, and real server processes.
 
 Frames are built and parsed here, independently of Autobahn, so the tests check what goes
 over the wire rather than what the library under test believes it sent.
@@ -13,18 +13,21 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -358,11 +361,220 @@ class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
 
 async def connect_v1(port: int, path: str = "/ws") -> V1Client:
     """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port}."""
-    from twisted.internet import reactor
-
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"])
     factory.protocol = V1Client
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     client: V1Client = await endpoint.connect(factory)
     await client.opened
     return client
+
+
+# -- real processes and ptys -----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the positional CLI needs a number)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Guest:
+    """
+    The guest: the pty's master side, read and written through the reactor (one object
+    for both directions, as the epoll reactor wants one per descriptor).
+
+    @ivar input: every byte the console wrote to the guest.
+    """
+
+    def __init__(self) -> None:
+        self.master, slave = os.openpty()
+        self.slave = slave
+        self.path = os.ttyname(slave)
+        os.set_blocking(self.master, False)
+        self.input = bytearray()
+        self.open = True
+        self.reading = False
+        self._pending = memoryview(b"")
+        self._written: defer.Deferred[None] | None = None
+        self._input_waiters: list[tuple[Callable[[bytes], bool], defer.Deferred[None]]] = []
+
+    # reactor interface
+    def fileno(self) -> int:
+        return self.master
+
+    def logPrefix(self) -> str:
+        return "guest"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            return
+        self.input += data
+        for waiter in list(self._input_waiters):
+            if waiter[0](bytes(self.input)):
+                self._input_waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    def doWrite(self) -> None:
+        while self._pending:
+            try:
+                written = os.write(self.master, self._pending)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                reactor.removeWriter(self)  # type: ignore[attr-defined]
+                d, self._written = self._written, None
+                if d is not None:
+                    d.errback(e)
+                return
+            self._pending = self._pending[written:]
+        reactor.removeWriter(self)  # type: ignore[attr-defined]
+        d, self._written = self._written, None
+        if d is not None:
+            d.callback(None)
+
+    # test interface
+    def start_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            reactor.addReader(self)  # type: ignore[attr-defined]
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            reactor.removeReader(self)  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> defer.Deferred[None]:
+        """Write C{data} as the guest reads it; fires once all of it is in the pty."""
+        assert self._written is None, "one write at a time"
+        self._pending = memoryview(bytes(data))
+        d = self._written = defer.Deferred()
+        reactor.addWriter(self)  # type: ignore[attr-defined]
+        self.doWrite()  # as much as the pty takes now; the rest as it drains
+        return d
+
+    def receives(self, condition: Callable[[bytes], bool]) -> defer.Deferred[None]:
+        """Fires once the guest's input satisfies C{condition}."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._input_waiters.append((condition, d))
+        if condition(bytes(self.input)):
+            self._input_waiters.remove((condition, d))
+            d.callback(None)
+        return d
+
+    def hang_up(self) -> None:
+        """Close the master: the console hangs up (the VM stopped)."""
+        if self.open:
+            self.stop_reading()
+            reactor.removeWriter(self)  # type: ignore[attr-defined]
+            os.close(self.master)
+            self.open = False
+
+    def close(self) -> None:
+        self.hang_up()
+        os.close(self.slave)
+
+
+class Server(protocol.ProcessProtocol):
+    """
+    A cloud-console process: L{listening} fires once its port is up, L{ended} at exit;
+    L{log_line} waits for something in its log.
+    """
+
+    def __init__(self) -> None:
+        self.stderr = b""
+        self.listening: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.status: int | None = None
+        self._waiters: list[tuple[Callable[[bytes], bool], defer.Deferred[None]]] = []
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+        if not self.listening.called and b"starting on" in self.stderr:
+            self.listening.callback(None)
+        for waiter in list(self._waiters):
+            if waiter[0](self.stderr):
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+        if b"Traceback" in self.stderr or b"Unhandled" in self.stderr:
+            # Whatever is awaited, the server has failed: say so now, not at the timeout.
+            waiters, self._waiters = self._waiters, []
+            for _, d in waiters:
+                d.errback(AssertionError("error in the server's log:\n" + self.stderr.decode(errors="replace")))
+
+    outReceived = errReceived
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode
+        self.status = code if code is not None else -reason.value.signal
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"server exited: {self.stderr.decode()}"))
+        for _, d in self._waiters:
+            d.errback(RuntimeError(f"server exited {self.status} first"))
+        self._waiters.clear()
+        self.ended.callback(self.status)
+
+    def log_line(self, condition: Callable[[bytes], bool]) -> defer.Deferred[None]:
+        """Fires once the server's log (stderr) satisfies C{condition}."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if condition(self.stderr):
+            d.callback(None)
+        elif self.status is not None:
+            d.errback(RuntimeError(f"server exited {self.status}"))
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def count(self, text: bytes) -> int:
+        return self.stderr.count(text)
+
+    @property
+    def pid(self) -> int:
+        return int(self.transport.pid)  # type: ignore[union-attr]
+
+    def rss_kib(self) -> int:
+        """The process's resident set (VmRSS), in KiB."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def signal(self, name: str) -> None:
+        self.transport.signalProcess(name)  # type: ignore[union-attr]
+
+
+def spawn_python(args: list[str]) -> Server:
+    """This checkout's Python with C{args} (C{-m cloud_console.cli ...}, twistd), watched."""
+    server = Server()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    reactor.spawnProcess(  # type: ignore[attr-defined]
+        server, sys.executable, [sys.executable, *args], env=env, path=str(ROOT)
+    )
+    return server
+
+
+def spawn_server(args: list[str]) -> Server:
+    """A C{cloud-console ARGS} process (the positional or the option form)."""
+    return spawn_python(["-m", "cloud_console.cli", *args])
+
+
+async def serve_process(test: TestCase, args: list[str]) -> Server:
+    """A cloud-console process with C{args}, killed at the test's end; returns once it listens."""
+    server = spawn_server(args)
+
+    async def kill() -> None:
+        if server.status is None:
+            server.signal("KILL")
+            await server.ended
+
+    test.addCleanup(kill)
+    await server.listening
+    return server

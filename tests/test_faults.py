@@ -30,16 +30,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from cloud_console.multiplexer import INPUT_BACKLOG
-from tests.helpers import OP_BINARY, connect_v1
-from tests.test_badinput import (
-    Guest,
-    RawClient,
-    Server,
-    connect_raw,
-    start_console,
-    upgrade_request,
-    ws_frame,
-)
+from tests.helpers import OP_BINARY, Guest, Server, connect_v1
+from tests.test_badinput import RawClient, start_console, ws_frame
 
 MiB = 1024 * 1024
 

@@ -20,9 +20,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from tests.helpers import V1Client, connect_v1
-from tests.test_badinput import Guest, Server, serve_process, spawn_server
-from tests.test_integration import free_port
+from tests.helpers import Guest, Server, V1Client, connect_v1, free_port, serve_process, spawn_server
 
 
 async def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -15,51 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.trial.unittest import TestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, Server, free_port, spawn_python
+
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the positional CLI needs a number)."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess(protocol.ProcessProtocol):
-    """A cloud-console process: fires L{listening} once its port is up, L{ended} at exit."""
-
-    def __init__(self) -> None:
-        self.stderr = b""
-        self.listening: defer.Deferred[None] = defer.Deferred()
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.status: int | None = None
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        if not self.listening.called and b"starting on" in self.stderr:
-            self.listening.callback(None)
-
-    outReceived = errReceived
-
-    def processEnded(self, reason: Any) -> None:
-        code = reason.value.exitCode
-        signal_number = reason.value.signal
-        self.status = code if code is not None else -signal_number
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"server exited: {self.stderr.decode()}"))
-        self.ended.callback(self.status)
-
-
-def spawn(args: list[str]) -> ServerProcess:
-    process = ServerProcess()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    reactor.spawnProcess(process, sys.executable, [sys.executable, *args], env=env, path=str(ROOT))  # type: ignore[attr-defined]
-    return process
 
 
 class Client(WebSocketClientProtocol):  # type: ignore[misc]
@@ -168,14 +130,14 @@ class ConsoleProcessTests(TestCase):
         while view:
             view = view[os.write(self.master, view) :]
 
-    async def start_server(self, *extra: str) -> ServerProcess:
-        server = spawn(["-m", "cloud_console.cli", self.pty_path, "127.0.0.1", str(self.port), self.log_path, *extra])
+    async def start_server(self, *extra: str) -> Server:
+        server = spawn_python(["-m", "cloud_console.cli", self.pty_path, "127.0.0.1", str(self.port), self.log_path, *extra])
         self.addCleanup(self.stop_server, server)
         await server.listening
         reactor.addReader(self)  # type: ignore[attr-defined]
         return server
 
-    async def stop_server(self, server: ServerProcess) -> None:
+    async def stop_server(self, server: Server) -> None:
         if server.status is None:
             server.transport.signalProcess("KILL")  # type: ignore[union-attr]
             await server.ended
@@ -263,7 +225,7 @@ class ConsoleProcessTests(TestCase):
         self.assertEqual(Path(self.log_path + ".1").read_bytes(), b"before\r\n")
         self.assertEqual(Path(self.log_path).read_bytes(), b"after\r\n")
 
-    def next_stderr(self, server: ServerProcess) -> defer.Deferred[None]:
+    def next_stderr(self, server: Server) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
         original = server.errReceived
 
@@ -281,8 +243,8 @@ class ExitStatusTests(TestCase):
 
     timeout = 60
 
-    async def run_cli(self, *args: str) -> ServerProcess:
-        server = spawn(["-m", "cloud_console.cli", *args])
+    async def run_cli(self, *args: str) -> Server:
+        server = spawn_python(["-m", "cloud_console.cli", *args])
         server.listening.addErrback(lambda f: None)
         await server.ended
         return server
@@ -338,7 +300,7 @@ class ExitStatusTests(TestCase):
         master, slave = os.openpty()
         self.addCleanup(os.close, master)
         self.addCleanup(os.close, slave)
-        server = spawn(["-m", "cloud_console.cli", os.ttyname(slave), "::1", str(port)])
+        server = spawn_python(["-m", "cloud_console.cli", os.ttyname(slave), "::1", str(port)])
         await server.listening
         os.write(master, b"over v6")
         client = await connect(port, "::1")
@@ -354,7 +316,7 @@ class TwistdPluginTests(TestCase):
 
     async def test_help_lists_options(self) -> None:
         """`twistd cloudconsole --help` lists every option."""
-        server = spawn([*TWISTD, "cloudconsole", "--help"])
+        server = spawn_python([*TWISTD, "cloudconsole", "--help"])
         server.listening.addErrback(lambda f: None)
         await server.ended
         for option in (b"--pty", b"--port", b"--log-file", b"--history-size",
@@ -367,7 +329,7 @@ class TwistdPluginTests(TestCase):
         self.addCleanup(os.close, slave)
         port = free_port()
         pidfile = os.path.abspath(self.mktemp())
-        server = spawn([*TWISTD, "--pidfile", pidfile, "-n", "cloudconsole",
+        server = spawn_python([*TWISTD, "--pidfile", pidfile, "-n", "cloudconsole",
                         "--pty", os.ttyname(slave), "--port", f"tcp:{port}:interface=127.0.0.1"])
         await server.listening
         os.write(master, b"via twistd")
@@ -381,7 +343,7 @@ class TwistdPluginTests(TestCase):
     async def test_bad_pty_exits_2(self) -> None:
         """A pty that cannot be opened ends twistd with status 2 and a message."""
         pidfile = os.path.abspath(self.mktemp())
-        server = spawn([*TWISTD, "--pidfile", pidfile, "-n", "cloudconsole",
+        server = spawn_python([*TWISTD, "--pidfile", pidfile, "-n", "cloudconsole",
                         "--pty", "/dev/null", "--port", f"tcp:{free_port()}:interface=127.0.0.1"])
         server.listening.addErrback(lambda f: None)
         self.assertEqual(await server.ended, 2)
@@ -396,7 +358,7 @@ class DemoTests(TestCase):
     async def test_demo_shell(self) -> None:
         """Typing a command in a client runs it in the demo shell, and its output comes back."""
         port = free_port()
-        process = ServerProcess()
+        process = Server()
         env = dict(os.environ, SHELL="/bin/sh", PYTHONPATH=str(ROOT))
         reactor.spawnProcess(  # type: ignore[attr-defined]
             process, sys.executable,

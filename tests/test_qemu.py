@@ -20,9 +20,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.guest import BANNER, PROMPT, GuestUnavailable, QemuGuest
-from tests.helpers import V1Client, connect_v1
-from tests.test_badinput import Server, serve_process
-from tests.test_integration import free_port
+from tests.helpers import Server, V1Client, connect_v1, free_port, serve_process
 
 
 #: The kernel's first line on the console (printk's timestamp in front).

@@ -16,9 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from tests.cloud_hypervisor_standin import CloudHypervisorStandIn
-from tests.helpers import V1Client, connect_v1
-from tests.test_badinput import Guest, Server, serve_process, spawn_server
-from tests.test_integration import free_port
+from tests.helpers import Guest, Server, V1Client, connect_v1, free_port, serve_process, spawn_server
 
 
 def state_events(client: V1Client) -> list[tuple[str, str]]:

@@ -13,8 +13,8 @@ from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
-from .helpers import write_self_signed
-from .test_integration import Client, free_port, spawn
+from .helpers import free_port, spawn_python, write_self_signed
+from .test_integration import Client
 
 
 class TLSTests(TestCase):
@@ -30,7 +30,7 @@ class TLSTests(TestCase):
         self.addCleanup(os.close, slave)
         os.write(master, b"over tls")
         port = free_port()
-        server = spawn([
+        server = spawn_python([
             "-c", "from twisted.scripts.twistd import run; run()", "--pidfile",
             os.path.abspath(self.mktemp()), "-n", "cloudconsole", "--pty", os.ttyname(slave),
             "--port", f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
