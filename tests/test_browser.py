@@ -176,7 +176,7 @@ class Guest:
 class ConsoleServer:
     """A C{cloud-console PTY 127.0.0.1 PORT} process, its log kept in a file."""
 
-    def __init__(self, pty: str, port: int, log: Path, *options: str) -> None:
+    def __init__(self, pty: str | None, port: int, log: Path, *options: str) -> None:
         self.pty = pty
         self.port = port
         self.log = log
@@ -188,7 +188,11 @@ class ConsoleServer:
         """Start the process and wait for its port to be listening."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "cloud_console.cli", self.pty, "127.0.0.1", str(self.port)]
+        command = [sys.executable, "-m", "cloud_console.cli"]
+        if self.pty is None:  # the option form: the options name the consoles
+            command += ["--port", f"tcp:port={self.port}:interface=127.0.0.1"]
+        else:
+            command += [self.pty, "127.0.0.1", str(self.port)]
         self.process = subprocess.Popen(
             [*command, *self.options],
             cwd=ROOT,
@@ -394,8 +398,11 @@ class BrowserHarness(SynchronousTestCase):
 
     # -- fixtures ------------------------------------------------------------------------
 
-    def serve(self, source: str, *options: str, port: int | None = None) -> ConsoleServer:
-        """A cloud-console process serving C{source}, stopped at the end."""
+    def serve(self, source: str | None, *options: str, port: int | None = None) -> ConsoleServer:
+        """
+        A cloud-console process serving C{source} (C{None}: the consoles the options
+        name), stopped at the end.
+        """
         server = ConsoleServer(source, port or free_port(), self.tmp / "server.log", *options)
         server.start()
         self.addCleanup(server.stop)
