@@ -35,25 +35,27 @@ class Worker:
     def reply(self, message: dict) -> None:
         self.writer.write(json.dumps(message).encode() + b"\n")
 
-    async def _connect(self, n: int, concurrency: int = 50) -> tuple[list[WSClient], list[str]]:
+    async def _connect(self, n: int, concurrency: int = 50,
+                       paths: list[str] | None = None) -> tuple[list[WSClient], list[str]]:
         gate = asyncio.Semaphore(concurrency)
         errors: list[str] = []
 
-        async def one() -> WSClient | None:
+        async def one(path: str) -> WSClient | None:
             async with gate:
                 try:
-                    return await connect(self.host, self.port, self.path, self.protocol)
+                    return await connect(self.host, self.port, path, self.protocol)
                 except Exception as e:  # noqa: BLE001 - reported, not raised
                     errors.append(repr(e))
                     return None
 
-        made = await asyncio.gather(*(one() for _ in range(n)))
+        made = await asyncio.gather(*(one(p) for p in (paths or [self.path] * n)))
         return [c for c in made if c is not None], errors
 
     # -- orders --------------------------------------------------------------------------
 
     async def op_connect(self, order: dict) -> dict:
-        made, errors = await self._connect(order["n"])
+        """C{n} clients on the process's path, or one on each of C{paths} (the fleet's)."""
+        made, errors = await self._connect(order.get("n", 0), paths=order.get("paths"))
         self.clients += made
         return {"open": len(made), "failed": len(errors), "errors": errors[:3]}
 
@@ -146,7 +148,9 @@ class Worker:
 
     async def op_stats(self, order: dict) -> dict:
         return {"received": [c.stream.received for c in self.clients],
-                "lost": sum(c.lost.done() for c in self.clients)}
+                "lost": sum(c.lost.done() for c in self.clients),
+                "closes": [[c.close_code, c.close_reason] for c in self.clients
+                           if c.lost.done()]}
 
     async def op_latency(self, order: dict) -> dict:
         """One client: send the probe byte, wait for the guest's echo, repeat."""

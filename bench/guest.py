@@ -12,6 +12,8 @@ JSON line back:
    C{end} (a marker), blocking until the pty took them all;
  - C{echo}: until C{stop}, echo every byte read and stream the workload at C{rate}
    bytes/s (0 = no background stream);
+ - C{flood}: until C{stop}, write the workload over and over at full speed (and read
+   and drop whatever comes back);
  - C{read}: the baseline's reader: read until the workload and C{end} arrived, verify;
  - C{quit}.
 
@@ -87,6 +89,32 @@ def echo(fd: int, control: socket.socket, workload: bytes, rate: float) -> dict:
     return {"echoed": echoed, "streamed": streamed}
 
 
+def flood(fd: int, control: socket.socket, workload: bytes) -> dict:
+    """Write the workload again and again, as fast as the pty takes it, until told to stop."""
+    os.set_blocking(fd, False)
+    view = memoryview(workload)
+    pos = written = 0
+    while True:
+        readable, writable, _ = select.select([fd, control], [fd], [])
+        if control in readable:
+            break
+        if fd in readable:
+            try:
+                os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                break
+        if fd in writable:
+            try:
+                n = os.write(fd, view[pos:pos + CHUNK])
+            except (BlockingIOError, InterruptedError):
+                continue
+            written += n
+            pos = (pos + n) % len(workload)
+    return {"flooded": written}
+
+
 def read_expected(fd: int, expected: bytes) -> dict:
     """Read until C{expected} arrived; stop at the first wrong byte."""
     os.set_blocking(fd, True)
@@ -133,6 +161,12 @@ def main(argv: list[str]) -> int:
         elif op == "echo":
             control.sendall(json.dumps({"op": "echo", "started": True}).encode() + b"\n")
             reply.update(echo(fd, control, workload, order.get("rate", 0)))
+            stop = json.loads(reader.readline())
+            assert stop["op"] == "stop", stop
+            reply["op"] = "stop"
+        elif op == "flood":
+            control.sendall(json.dumps({"op": "flood", "started": True}).encode() + b"\n")
+            reply.update(flood(fd, control, workload))
             stop = json.loads(reader.readline())
             assert stop["op"] == "stop", stop
             reply["op"] = "stop"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import shlex
 import signal
@@ -40,15 +41,19 @@ class Registry:
         self._n = 0
 
     def start(self, argv: list[str], name: str, env: dict | None = None,
-              pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+              pass_fds: tuple[int, ...] = (), nofile: int | None = None) -> subprocess.Popen:
+        """C{nofile}: start it with this soft RLIMIT_NOFILE (as a service manager might)."""
         self._n += 1
-        log = open(os.path.join(self.logdir, f"{self._n:03d}-{name}.log"), "wb")
+        log_path = os.path.join(self.logdir, f"{self._n:03d}-{name}.log")
+        log = open(log_path, "wb")
         # cwd: not the checkout, or `python -m` would import the package from there
         # rather than from --server-pythonpath
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 env=env, pass_fds=pass_fds, start_new_session=True,
-                                cwd=self.logdir)
+                                cwd=self.logdir,
+                                preexec_fn=None if nofile is None else lambda: _soft_nofile(nofile))
         log.close()
+        proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
@@ -69,6 +74,11 @@ class Registry:
     def stop_all(self) -> None:
         for proc in reversed(list(self.procs)):
             self.stop(proc, 2.0)
+
+
+def _soft_nofile(soft: int) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
 
 
 class Channel:

@@ -41,7 +41,8 @@ class Report:
             print(f"{label} {' '.join(map(str, rest))} FAILED: {r['failed']}", flush=True)
             return
         line = getattr(self, "_" + kind)(r, *rest)
-        print(f"{label} {line}", flush=True)
+        for one in ([line] if isinstance(line, str) else line):
+            print(f"{label} {one}", flush=True)
 
     # -- one line per scenario -----------------------------------------------------------
 
@@ -121,6 +122,92 @@ class Report:
             timing += f"; all {r['history']} bytes p50 {statistics.median(full):.2f} ms"
         return (f"{ok} ({r.get('received')} B of {r['written']} written, {r.get('nul')} NUL)"
                 f"  {timing}  (n={len(fb)})")
+
+    def _fleet(self, r: dict, part: str) -> list[str]:
+        return self._fleet_host(r) if part == "host" else self._fleet_neighbour(r)
+
+    def _fleet_host(self, r: dict) -> list[str]:
+        lines = []
+        g = r.get("guest_nofile")
+        if g:
+            lines.append(f"ptys held by one guest process (its RLIMIT_NOFILE soft {g[0]} raised "
+                         f"to the hard {g[1]})")
+        s = r.get("singles")
+        if s:
+            lines.append(f"{s['n']} single-console processes: RSS {_mib(s['rss_mean'])} each "
+                         f"(PSS {_mib(s['pss_mean'])}), all listening {s['listening_s_max']:.2f} s "
+                         "after spawn")
+        mem = r.get("memory", {})
+        one = mem.get(1)
+        if mem:
+            lines.append(f"servers started with a soft RLIMIT_NOFILE of {r.get('soft_nofile')}; "
+                         "nofile below is what the server had once serving")
+        for n, m in mem.items():
+            line = f"{n:>4} console{'s' if n > 1 else ' '}: RSS {_mib(m['rss'])}"
+            if one and n > 1:
+                per = (m["rss"] - one["rss"]) / (n - 1)
+                line += f" ({per / 1024:+.1f} KiB per console beyond the first)"
+            if s and n > 1:
+                many = sum(s["rss"]) if n == s["n"] else s["rss_mean"] * n
+                how = "" if n == s["n"] else ", extrapolated"
+                line += f"; {n} single processes {_mib(many)}{how} ({many / m['rss']:.1f}x)"
+            line += (f"  serving {m['serving_s']:.2f} s after spawn (first answer "
+                     f"{m['first_answer_s']:.2f} s, {m['first_answer_up']} up)  {m['fds']} fds, "
+                     f"{m['threads']} threads, nofile {m['nofile']}")
+            lines.append(line)
+        if mem:
+            lines.append("  (idle consoles: nothing written since start, so nothing replayed: "
+                         "the per-console figure is all overhead)")
+        i = r.get("idle")
+        if i:
+            lines.append(f"idle CPU, {i['consoles']} consoles: {i['cores'] * 100:.2f} % of a core "
+                         f"over {i['seconds']:.1f} s ({i['wakeups_per_s']:.1f} context switches/s), "
+                         f"RSS {i['rss_growth'] / 1024:+.0f} KiB")
+        rl = r.get("reload")
+        if rl:
+            shown = (f"shown on /api/consoles {rl['reload_s']:.2f} s after SIGHUP"
+                     if rl["reload_s"] is not None else "NEVER shown on /api/consoles")
+            cpu = f"{rl['reload_cpu_s']:.2f} s" if rl["reload_cpu_s"] is not None else "-"
+            lines.append(f"reload of {rl['consoles']} consoles, {rl['changed']} with a new source: "
+                         f"{shown} ({rl['polls']} polls; server CPU {cpu}); after: "
+                         f"{rl['totals_after']}")
+            ok = rl["watched_exact"] == rl["watched"] and not rl["watched_closed"]
+            lines.append(f"reload: {rl['watched']} clients of unchanged consoles, streaming "
+                         f"{rl['watched_bytes'] // 1024} KiB each across it: "
+                         f"{rl['watched_exact']} byte-exact, {rl['watched_closed']} closed"
+                         f"{'' if ok else ' FAILED: ' + str(rl['watched_errors'])}; clients of "
+                         f"changed consoles: {rl['changed_closed']} closed {rl['changed_closes']}")
+            if rl.get("log_line"):
+                lines.append(f"reload: server log: {rl['log_line'][:160]}")
+        if "rss_after_all" in r and mem:
+            biggest = mem[max(mem)]
+            lines.append(f"RSS after idle and reload {_mib(r['rss_after_all'])} "
+                         f"({(r['rss_after_all'] - biggest['rss']) / MiB:+.2f} MiB)")
+        for part, why in r.get("problems", {}).items():
+            lines.append(f"PROBLEM ({part}): {why}")
+        return lines
+
+    def _fleet_neighbour(self, r: dict) -> list[str]:
+        lines = []
+        two = r.get("two", {})
+        for layout in ("two", "one"):
+            x = r.get(layout, {})
+            head = f"noisy neighbour, {'one process' if layout == 'one' else 'two processes'}:"
+            if "failed" in x:
+                lines.append(f"{head} FAILED: {x['failed']}")
+                continue
+            if "p99" not in x:
+                lines.append(f"{head} no echo ({x.get('timeouts')} timeouts)")
+                continue
+            vs = (f" ({x['p99'] / two['p99']:.2f}x two processes')"
+                  if layout == "one" and "p99" in two else "")
+            lines.append(
+                f"{head} echo p50 {x['p50']:.0f} us p99 {x['p99']:.0f} us{vs} max {x['max']:.0f} us"
+                f" (n={x['n']}, {x['timeouts']} timeouts) while the flood gets "
+                f"{x['flood_during']:.1f} MiB/s ({x['flood_ratio']:.2f}x of {x['flood_alone']:.1f} "
+                f"alone: {x['flood_before']:.1f} before, {x['flood_after']:.1f} after); operator alone p50 {x['idle_p50']:.0f} p99 {x['idle_p99']:.0f} us; "
+                f"server CPU {x['cores_during']:.2f} cores")
+        return lines
 
     @property
     def _current(self) -> str:
@@ -209,6 +296,7 @@ class Report:
             rows.append(("history first byte < 5 ms (p50)", f"{fb:.2f} ms", "< 5 ms", fb < 5))
             rows.append(("history exact (last --history-size bytes)",
                          "exact" if h.get("exact") else "wrong", "exact", bool(h.get("exact"))))
+        rows += self._fleet_goals()
         raw = self.get("latency", "raw pty", 0)
         print("\ndesign goals (cloud-console)" + (
             f"; bare pty echo p99 now: {raw['p99']:.0f} us" if "p99" in raw else ""))
@@ -216,6 +304,49 @@ class Report:
             print(f"  {what:<54}{got:>12}  {want:<12}{'met' if ok else 'MISSED'}")
         print("  [big hist.]: measured on cc-bighist, because the default history closed "
               "clients")
+
+    def _fleet_goals(self) -> list[tuple]:
+        rows = []
+        h = self.get("fleet", CC, "host")
+        mem, single = h.get("memory", {}), h.get("singles")
+        if len(mem) > 1 and 1 in mem:
+            n = max(mem)
+            per = (mem[n]["rss"] - mem[1]["rss"]) / (n - 1) / 1024
+            rows.append((f"fleet: idle console <= 200 KiB ({n} in one process)",
+                         f"{per:.1f} KiB", "<= 200 KiB", per <= 200))
+        if 100 in mem and single:
+            got, lim = mem[100]["rss"], 3 * single["rss_mean"]
+            rows.append(("fleet: 100 consoles < 3 single-console processes", _mib(got),
+                         f"< {lim / MiB:.0f} MiB", got < lim))
+        for n, m in mem.items():
+            if n == max(mem):
+                rows.append((f"fleet: start-up to serving {n} consoles < 2 s",
+                             f"{m['serving_s']:.2f} s", "< 2 s", m["serving_s"] < 2))
+        failed = [p for p in h.get("problems", {}) if p.endswith(" consoles")]
+        for part in failed:
+            rows.append((f"fleet: serving {part}", "failed", "serving", False))
+        i = h.get("idle")
+        if i:
+            pct = i["cores"] * 100
+            rows.append((f"fleet: idle CPU, {i['consoles']} consoles < 1 % of a core",
+                         f"{pct:.2f} %", "< 1 %", pct < 1))
+        rl = h.get("reload")
+        if rl:
+            ok = rl["watched_exact"] == rl["watched"] and not rl["watched_closed"]
+            rows.append((f"fleet: reload of {rl['consoles']}: the unchanged notice nothing",
+                         f"{rl['watched_exact']}/{rl['watched']} exact",
+                         "all exact", ok))
+        nb = self.get("fleet", CC, "neighbour")
+        one, two = nb.get("one", {}), nb.get("two", {})
+        if "p99" in one and "p99" in two:
+            x = one["p99"] / two["p99"]
+            rows.append(("fleet: neighbour echo p99 <= 1.5x two processes'",
+                         f"{x:.2f}x", "<= 1.5x", x <= 1.5))
+        if one.get("flood_ratio") is not None:
+            x = one["flood_ratio"]
+            rows.append(("fleet: flood keeps >= 80 % of its throughput alone",
+                         f"{x * 100:.0f} %", ">= 80 %", x >= 0.8))
+        return rows
 
     def as_json(self) -> dict:
         return {"args": vars(self.args), "time": time.time(),

@@ -16,6 +16,12 @@ echo round trip), throughput at 1/10/100 clients (every byte verified), echo lat
 memory (idle clients, connect/close cycles), history (exactness, first byte). terminado
 runs the same scenarios in the same run; ratios and the design goals come last.
 
+"fleet" (bench/fleet.py; alone: --scenarios fleet) is one process serving a host's
+consoles: RSS at 1/10/100/1000 idle consoles against 10 single-console processes, start-up
+to serving 1,000, idle CPU, a SIGHUP reload of 1,000 with 10 sources changed while clients
+of 20 unchanged consoles verify their streams, and a noisy neighbour (a flood and an
+operator's echo on two consoles of one process, against two processes).
+
 "cc-bighist" is the same server with --history-size larger than the workload: when the
 default server closes clients as lagging (so its throughput is not scored), this is
 where its per-byte cost is measured. --server-pythonpath runs another copy of the
@@ -42,6 +48,7 @@ try:
 except ImportError:
     sys.exit("bench/run.py needs psutil and terminado: pip install -r bench/requirements.txt")
 
+import fleet  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
 import procs  # noqa: E402
@@ -55,7 +62,7 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -103,6 +110,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ttyd-ms-per-mib", type=float, default=3.4,
                    help="ttyd's server CPU per MiB at 1 client, for the goal check "
                         "(from the shared harness; default 3.4)")
+    p.add_argument("--fleet-sizes", help="fleet: console counts in one process "
+                   "(default 1,10,100,1000; quick 1,10,100)")
+    p.add_argument("--fleet-singles", type=int, default=10,
+                   help="fleet: single-console processes measured (default 10)")
+    p.add_argument("--fleet-idle", type=float, help="fleet: idle CPU seconds (default 10, quick 3)")
+    p.add_argument("--fleet-watched", type=int, default=20,
+                   help="fleet: unchanged consoles watched across the reload (default 20)")
+    p.add_argument("--fleet-changed", type=int, default=10,
+                   help="fleet: consoles the reload gives a new source (default 10)")
+    p.add_argument("--fleet-flood", type=float,
+                   help="fleet: seconds the flood is measured alone (default 5, quick 2)")
     p.add_argument("--timeout", type=float, default=180, help="bound on any one phase, s")
     p.add_argument("--json", help="write every result as JSON to this file")
     a = p.parse_args(argv)
@@ -119,6 +137,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.clients = [int(n) for n in a.clients.split(",") if n]
     a.peer_clients = [int(n) for n in a.peer_clients.split(",") if n]
     a.idle = [int(n) for n in a.idle.split(",") if n]
+    a.fleet_sizes = sorted({int(n) for n in (a.fleet_sizes or (
+        "1,10,100" if a.quick else "1,10,100,1000")).split(",") if n})
+    a.fleet_idle = a.fleet_idle or (3.0 if a.quick else 10.0)
+    a.fleet_flood = a.fleet_flood or (2.0 if a.quick else 5.0)
     return a
 
 
@@ -204,6 +226,14 @@ def main(argv: list[str]) -> int:
             if "history" in args.scenarios and not big:
                 attempt(("history", spec.name), scenarios.history, spec, args.history_write,
                         args.history_repeats)
+        if "fleet" in args.scenarios:
+            opts = fleet.FleetOptions(
+                sizes=args.fleet_sizes, singles=args.fleet_singles, idle_seconds=args.fleet_idle,
+                settle=0.5 if args.quick else 1.0, watched=args.fleet_watched,
+                changed=args.fleet_changed, samples=args.samples, warmup=args.warmup,
+                flood_seconds=args.fleet_flood)
+            attempt(("fleet", report.CC, "host"), fleet.host, opts)
+            attempt(("fleet", report.CC, "neighbour"), fleet.neighbour, opts)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:
