@@ -206,8 +206,8 @@ def host(ctx: Context, opts: FleetOptions) -> dict:
         try:
             out["idle"] = _idle(server, opts.idle_seconds)
             out["reload"] = _reload(ctx, server, guest, paths, opts)
-            rss_end = server.ps.memory_info().rss
-            out["rss_after_all"] = rss_end
+            time.sleep(2 * opts.settle)  # what the reload's streams left behind, settled
+            out["rss_after_all"] = server.ps.memory_info().rss
         except (BenchError, psutil.Error) as e:
             out["problems"]["idle/reload"] = str(e)
         finally:

@@ -182,7 +182,9 @@ class Report:
         if "rss_after_all" in r and mem:
             biggest = mem[max(mem)]
             lines.append(f"RSS after idle and reload {_mib(r['rss_after_all'])} "
-                         f"({(r['rss_after_all'] - biggest['rss']) / MiB:+.2f} MiB)")
+                         f"({(r['rss_after_all'] - biggest['rss']) / MiB:+.2f} MiB; the reload's "
+                         "clients gone, the watched consoles holding what they streamed as "
+                         "history and head)")
         for part, why in r.get("problems", {}).items():
             lines.append(f"PROBLEM ({part}): {why}")
         return lines
