@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.cred import credentials
 from twisted.logger import capturedLogs
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -479,7 +480,9 @@ class RealmAndGateTests(SynchronousTestCase):
         root = resource.Resource()
         root.putChild(b"c", self.gate)
         root.putChild(b"healthz", _Identify(self.gate))
-        self.site = Site(root)
+        # The channels' timeouts go on a memory clock, not the global reactor (where they
+        # would be left for the next real-reactor test to find).
+        self.site = Site(root, reactor=MemoryReactorClock())
 
     def build(self, access: Access) -> resource.IResource:
         self.built.append(access)

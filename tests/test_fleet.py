@@ -58,8 +58,12 @@ class FleetTestCase(TestCase):
         return path
 
     async def serve(self, *args: str) -> Server:
+        """A server on a port of its own; returns once every port it has is listening."""
         self.port = free_port()
-        return await serve_process(self, [*args, "--port", f"tcp:port={self.port}:interface=127.0.0.1"])
+        server = await serve_process(self, [*args, "--port", f"tcp:port={self.port}:interface=127.0.0.1"])
+        ports = 1 + args.count("--metrics-port")
+        await server.log_line(lambda err: err.count(b"starting on") >= ports)
+        return server
 
     async def v1(self, name: str) -> V1Client:
         client = await connect_v1(self.port, f"/c/{name}/ws")
