@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import termios
+import time
 import tty
 from typing import Any, Callable
 
@@ -34,6 +35,52 @@ READ_SIZE = 64 * 1024
 #: Most bytes read in one wake-up before yielding to the reactor, so a guest flooding
 #: its console cannot starve the clients (or the input path) of the reactor's time.
 READ_PER_TURN = 256 * 1024
+
+#: Most bytes a console reads in one wake-up while another console is active too. Every
+#: console of a process shares one reactor turn: a keystroke and its echo on a quiet
+#: console each wait for the turn a flooding neighbour is in, so a flood reads in small
+#: bites while anyone else is busy (measured on 2 cores: the neighbour's echo p50 went
+#: from 3.8 ms at 256 KiB to 2.2 ms at 16 KiB) and in big ones, for throughput, alone.
+READ_PER_TURN_SHARED = 16 * 1024
+
+#: Seconds a console counts as active after it last read something.
+ACTIVE_WINDOW = 0.1
+
+
+class TurnShare:
+    """
+    Which consoles of the process read lately, so that each can size its bites
+    (L{READ_PER_TURN} alone, L{READ_PER_TURN_SHARED} beside another active console).
+
+    Only the last two consoles that read are remembered: asking is O(1), whatever the
+    number of consoles, on the path every read takes.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: object | None = None
+        self._last_at = float("-inf")
+        self._other: object | None = None
+        self._other_at = float("-inf")
+
+    def budget(self, device: object) -> int:
+        """How much C{device} may read in this wake-up."""
+        now = self._clock()
+        other_at = self._other_at if device is self._last else self._last_at
+        return READ_PER_TURN_SHARED if now - other_at < ACTIVE_WINDOW else READ_PER_TURN
+
+    def read(self, device: object) -> None:
+        """C{device} read something just now."""
+        now = self._clock()
+        if device is self._last:
+            self._last_at = now
+        else:
+            self._other, self._other_at = self._last, self._last_at
+            self._last, self._last_at = device, now
+
+
+#: The process's consoles share the reactor, so by default they share one account of it.
+TURN_SHARE = TurnShare()
 
 
 class ConsoleOpenError(Exception):
@@ -112,6 +159,7 @@ class ConsoleDevice(FileDescriptor):
         saved_attributes: list[Any] | None = None,
         reactor: IReactorFDSet | None = None,
         read_budget: Callable[[], int] | None = None,
+        turn_share: TurnShare | None = None,
     ) -> None:
         FileDescriptor.__init__(self, reactor)
         self.fd = fd
@@ -123,6 +171,7 @@ class ConsoleDevice(FileDescriptor):
         self._closing_on_purpose = False
         self._read_budget = read_budget
         self._pending_input = 0
+        self._turn_share = turn_share or TURN_SHARE
         self.connected = 1
 
     @classmethod
@@ -134,6 +183,7 @@ class ConsoleDevice(FileDescriptor):
         on_lost: Callable[[str], None],
         reactor: IReactorFDSet | None = None,
         read_budget: Callable[[], int] | None = None,
+        turn_share: TurnShare | None = None,
     ) -> ConsoleDevice:
         """
         Open the pty at C{path} (see L{open_tty}); reading starts with L{startReading}.
@@ -142,7 +192,7 @@ class ConsoleDevice(FileDescriptor):
             device stops reading until someone calls L{startReading} again.
         """
         fd, saved = open_tty(path, raw)
-        device = cls(fd, f"pty {path}", on_output, on_lost, saved, reactor, read_budget)
+        device = cls(fd, f"pty {path}", on_output, on_lost, saved, reactor, read_budget, turn_share)
         cls._log.info("pty {path} opened (raw: {raw})", path=path, raw=raw)
         return device
 
@@ -164,10 +214,12 @@ class ConsoleDevice(FileDescriptor):
 
     def doRead(self) -> Any:
         """
-        Read until the pty has nothing more (or L{READ_PER_TURN}), then hand the whole
-        burst on at once: one wake-up, one chunk, one frame per client.
+        Read until the console has nothing more (or its share of the turn, see
+        L{TurnShare}), then hand the whole burst on at once: one wake-up, one chunk, one
+        frame per client.
         """
-        limit = READ_PER_TURN
+        share = self._turn_share
+        limit = share.budget(self)
         if self._read_budget is not None:
             limit = min(limit, self._read_budget())
             if limit <= 0:
@@ -199,6 +251,7 @@ class ConsoleDevice(FileDescriptor):
             pieces.append(data)
             total += len(data)
         if pieces:
+            share.read(self)
             self._on_output(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         return None
 
@@ -208,9 +261,20 @@ class ConsoleDevice(FileDescriptor):
         return self._pending_input
 
     def write(self, data: bytes) -> None:
-        """Queue input for the guest (written as it reads; see L{pending_input})."""
+        """
+        Write input for the guest: at once when nothing is waiting before it (a
+        keystroke reaches the guest in this reactor turn, not the next, which a console
+        flooding beside it could make long), the rest queued and written as the guest
+        reads (see L{pending_input}).
+        """
         if self.fd < 0 or not data:
             return
+        if self._pending_input == 0:
+            written = fdesc.writeToFD(self.fd, data)
+            if isinstance(written, int) and written > 0:
+                data = data[written:]
+                if not data:
+                    return
         self._pending_input += len(data)
         FileDescriptor.write(self, data)
 

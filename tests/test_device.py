@@ -18,7 +18,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloud_console.device import READ_PER_TURN, ConsoleDevice, ConsoleOpenError, open_tty
+from cloud_console.device import (
+    ACTIVE_WINDOW,
+    READ_PER_TURN,
+    READ_PER_TURN_SHARED,
+    ConsoleDevice,
+    ConsoleOpenError,
+    TurnShare,
+    open_tty,
+)
 
 
 def read_all(fd: int) -> bytes:
@@ -137,7 +145,10 @@ class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         output: list[bytes] = []
         lost: list[str] = []
-        device = ConsoleDevice.open(path, raw, output.append, lost.append, self.reactor)
+        # A share of its own: what other tests' devices read must not size this one's bites.
+        device = ConsoleDevice.open(
+            path, raw, output.append, lost.append, self.reactor, turn_share=TurnShare()
+        )
         self.addCleanup(device.close)
         return device, master, output, lost
 
@@ -267,18 +278,35 @@ class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
 class PendingInputTests(PtyPairMixin, SynchronousTestCase):
     """L{ConsoleDevice.pending_input}: what the guest has not taken yet, exactly."""
 
-    def test_counts_down_as_the_guest_reads(self) -> None:
-        """Written input is pending until the descriptor takes it."""
+    def test_written_at_once_when_nothing_waits(self) -> None:
+        """Input with nothing queued before it goes to the guest at once, in this turn."""
         master, path = self.make_pair()
-        reactor = MemoryReactorClock()
-        device = ConsoleDevice.open(path, True, lambda data: None, lambda why: None, reactor)
+        device = ConsoleDevice.open(path, True, lambda data: None, lambda why: None, MemoryReactorClock())
         self.addCleanup(device.close)
-        device.write(b"abc")
-        device.write(b"de")
-        self.assertEqual(device.pending_input, 5)
-        device.doWrite()
+        device.write(b"ls\r")
         self.assertEqual(device.pending_input, 0)
-        self.assertEqual(read_all(master), b"abcde")
+        self.assertEqual(read_all(master), b"ls\r")
+
+    def test_counts_down_as_the_guest_reads(self) -> None:
+        """
+        Once the guest stops reading, input waits and is counted; later input queues
+        behind it (never ahead of it), and the count goes down as the guest reads.
+        """
+        master, path = self.make_pair()
+        device = ConsoleDevice.open(path, True, lambda data: None, lambda why: None, MemoryReactorClock())
+        self.addCleanup(device.close)
+        flood = bytes(range(256)) * 4096  # 1 MiB: more than the pty holds
+        device.write(flood)
+        waiting = device.pending_input
+        self.assertGreater(waiting, 0)
+        device.write(b"after")
+        self.assertEqual(device.pending_input, waiting + 5)
+        got = b""
+        while device.pending_input:
+            got += read_all(master)
+            device.doWrite()
+        got += read_all(master)
+        self.assertEqual(got, flood + b"after")
 
 
 class ConnectUnixTests(SynchronousTestCase):
@@ -311,3 +339,36 @@ class ConnectUnixTests(SynchronousTestCase):
         e = self.assertRaises(ConsoleOpenError, connect_unix, path)
         self.assertIn(path, str(e))
         self.assertIn("No such file", str(e))
+
+
+class TurnShareTests(SynchronousTestCase):
+    """Consoles read in big bites alone and in small ones beside another active console."""
+
+    def test_alone_big_beside_another_small(self) -> None:
+        """
+        A console alone reads L{READ_PER_TURN}; while another read within
+        L{ACTIVE_WINDOW}, L{READ_PER_TURN_SHARED}; once the other is quiet, big again.
+        """
+        now = [100.0]
+        share = TurnShare(clock=lambda: now[0])
+        flood, quiet = object(), object()
+        self.assertEqual(share.budget(flood), READ_PER_TURN)
+        share.read(flood)
+        self.assertEqual(share.budget(flood), READ_PER_TURN)
+        share.read(quiet)
+        self.assertEqual(share.budget(flood), READ_PER_TURN_SHARED)
+        self.assertEqual(share.budget(quiet), READ_PER_TURN_SHARED)
+        share.read(flood)
+        now[0] += ACTIVE_WINDOW * 1.01
+        self.assertEqual(share.budget(flood), READ_PER_TURN)
+        self.assertLess(READ_PER_TURN_SHARED, READ_PER_TURN)
+
+    def test_remembers_two(self) -> None:
+        """Only the last two readers count (asking costs the same with 1,000 consoles)."""
+        now = [0.0]
+        share = TurnShare(clock=lambda: now[0])
+        devices = [object() for _ in range(1000)]
+        for device in devices:
+            share.read(device)
+        self.assertEqual(share.budget(devices[-1]), READ_PER_TURN_SHARED)
+        self.assertEqual(len(vars(share)), 5)

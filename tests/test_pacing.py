@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from cloud_console.multiplexer import Chunk, IConsoleClient, Multiplexer
-from cloud_console.device import READ_PER_TURN, ConsoleDevice
+from cloud_console.device import READ_PER_TURN, ConsoleDevice, TurnShare
 
 from .helpers import FakePty
 
@@ -195,7 +195,7 @@ class ConsoleDeviceBudgetTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.device = ConsoleDevice.open(
             os.ttyname(slave), True, self.output.append, lambda why: None,
-            self.reactor, read_budget=lambda: self.budget,
+            self.reactor, read_budget=lambda: self.budget, turn_share=TurnShare(),
         )
         self.addCleanup(self.device.close)
         self.device.startReading()
