@@ -19,14 +19,27 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
 from .multiplexer import CLOSE_LAGGING, Attachment, Chunk, Multiplexer, skip_marker
 
-if TYPE_CHECKING:
-    from .websocket import ConsoleServerProtocol
+
+class Connection(Protocol):
+    """What a dialect needs of its WebSocket connection (L{cloud_console.websocket})."""
+
+    factory: Any
+    attachment: Attachment | None
+    peer_name: str
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None: ...
+
+    def sendPreparedMessage(self, preparedMsg: Any) -> None: ...
+
+    def sendClose(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+    def close(self, code: int, reason: str) -> Any: ...
 
 #: The subprotocol with offsets, acknowledgements, resume and status messages.
 SUBPROTOCOL_V1 = "cloud-console.v1"
@@ -49,7 +62,7 @@ class OriginalDialect:
 
     _log = Logger()
 
-    def __init__(self, connection: ConsoleServerProtocol) -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
     def start(self, multiplexer: Multiplexer) -> int | None:
@@ -97,7 +110,7 @@ class V1Dialect:
 
     def __init__(
         self,
-        connection: ConsoleServerProtocol,
+        connection: Connection,
         resume_from: int | None = None,
         resume_session: str | None = None,
     ) -> None:
