@@ -8,18 +8,9 @@ history is the only queue and nothing is copied per client. A client whose curso
 fallen out of the history learns of the gap; what it does then (close, or reset and
 replay) is its own business.
 
-The guest is read at the pace of the viewers that keep up, as far as the history allows:
-the pty is read only as far as every paused viewer still finds its next byte in the
-history. A viewer that makes no progress for C{max_stall} seconds while it holds the
-reading back stops pacing the guest (it then falls behind and learns of the gap), so one
-stuck browser delays the guest and the others by at most that, once; it paces again once
-it has caught up.
-
-Input from any client goes to the console. When the guest stops reading its input, what
-is typed waits in a bounded backlog (L{INPUT_BACKLOG}, the device's write buffer); a
-message that does not fit is refused whole and the client is told, so keystrokes are
-neither buffered without bound nor silently dropped, and no client's connection is ever
-paused for it (a viewer who never typed keeps receiving output, pings and acks).
+The guest is read at the pace of the viewers that keep up (L{cloud_console.pacing}), and
+what clients type goes to the console through a bounded input path that never pauses
+anyone (L{cloud_console.inputpath}).
 
 The console can go I{down} and come back (a reboot that makes a new pty, a VMM restart):
 the clients and the history stay, the clients hear of it, and the stream goes on at the
@@ -35,27 +26,20 @@ from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .history import History
+from .inputpath import InputPath
+from .pacing import ReadPacer
 
 #: How much history one catch-up step hands a client at a time. Large enough that a
 #: catching-up client costs few calls, small enough that the transport can pause it
 #: before it buffers much more than its limit.
 CATCH_UP_STEP = 64 * 1024
 
-#: Most input bytes held for a guest that is not reading its input, per console. A
-#: message is queued whole or refused whole, so a paste is never cut in the middle.
-INPUT_BACKLOG = 1024 * 1024
-
-#: Why input was refused (v1 clients are told, as C{input-discarded}'s C{reason}).
-REFUSED_READ_ONLY = "read-only"
-REFUSED_CONSOLE_DOWN = "console down"
-REFUSED_CONSOLE_CLOSED = "console closed"
-REFUSED_BACKLOG_FULL = "input backlog full"
 
 
 def iso_time(seconds: float) -> str:
@@ -180,7 +164,7 @@ class Attachment:
         self.paces = viewer
         self.read_only = False
         self.input_discarded = 0
-        self._refused_for: str | None = None
+        self.refused_for: str | None = None
         #: Whether this client's stream began in the boot's head: reaching the head's
         #: end it skips to the replayed tail, where another client would see a gap.
         self.in_head = False
@@ -202,7 +186,7 @@ class Attachment:
         self.pause_reasons.discard(reason)
         if not self.pause_reasons and self.attached:
             self.multiplexer._catch_up(self)
-            self.multiplexer._release_reading()
+            self.multiplexer.pacer.release()
 
     def send_input(self, data: bytes) -> str | None:
         """Write what this client typed to the console; return why not, if refused."""
@@ -244,8 +228,8 @@ class Multiplexer(Service):
         self.session = secrets.token_hex(8)
         self.clock = clock
         self.max_stall = max_stall
-        self._reading_held = False
-        self._stall_call: IDelayedCall | None = None
+        self.pacer = ReadPacer(self, clock, max_stall)
+        self.input = InputPath()
         self.read_only = read_only
         self._attachments: list[Attachment] = []
         self._pty: _ConsoleWriter | None = None
@@ -260,7 +244,6 @@ class Multiplexer(Service):
         #: Set once L{stopService} has begun closing the clients.
         self.stopping = False
         #: Counters for the index page and metrics (plain ints: nothing per byte).
-        self.bytes_in = 0
         self.lagging_events = 0
         self.gaps = 0
         #: When the guest last wrote (clock seconds), or None.
@@ -356,8 +339,7 @@ class Multiplexer(Service):
                 count=device.pending_input,
             )
         self._log.info("console down: {reason}", reason=reason)
-        self._cancel_stall()
-        self._reading_held = False
+        self.pacer.cancel()
         self._announce_state()
 
     def _announce_state(self) -> None:
@@ -383,7 +365,7 @@ class Multiplexer(Service):
         self.state_reason = reason
         self.state_since = self._now()
         self.closed_reason = reason
-        self._cancel_stall()
+        self.pacer.cancel()
         self._log.info(
             "console closed: {reason}; closing {clients} client(s)",
             reason=reason,
@@ -394,87 +376,23 @@ class Multiplexer(Service):
             callback(reason)
 
     def read_budget(self) -> int:
-        """
-        How many bytes the console may be read now: as many as keep every pacing
-        viewer's next byte in the history. At 0 the reading is held (the caller stops
-        reading) until a viewer moves on, or for at most C{max_stall} seconds.
-        """
-        budget = self._room()
-        if budget <= 0 and not self._reading_held:
-            if self.clock is None or self.max_stall <= 0:
-                self._stop_waiting_for_stalled()
-                return max(self._room(), 0)
-            self._reading_held = True
-            self._stall_call = self.clock.callLater(self.max_stall, self._stall_expired)
-        return max(budget, 0)
+        """How many bytes the console may be read now (see L{ReadPacer})."""
+        return self.pacer.read_budget()
 
-    def _pacing_cursor(self, attachment: Attachment) -> int:
-        """
-        Where a viewer's stream goes on in the ring: its cursor, or, while it is still
-        being sent the boot's head, the tail it will skip to (so a new viewer reading
-        the head never holds the guest up).
-        """
-        cursor = attachment.cursor
-        if attachment.in_head and cursor < self.history.start:
-            return self.tail_start
-        return cursor
-
-    def _room(self) -> int:
-        """
-        Bytes until the first pacing viewer's next byte would leave the history; none
-        while every pacing viewer is paused, so that output waits in the pty and goes out
-        on the shared path (one frame for all) once a viewer can take it.
-        """
-        history = self.history
-        capacity, end = history.capacity, history.end
-        room = capacity
-        pacing = live = False
-        for attachment in self._attachments:
-            if attachment.paces:
-                pacing = True
-                if attachment.paused:
-                    room = min(room, capacity - (end - self._pacing_cursor(attachment)))
-                else:
-                    live = True
-        if pacing and not live:
-            return 0
-        return room
-
-    def _stop_waiting_for_stalled(self) -> None:
-        """The viewers that hold the reading back no longer pace the guest."""
-        history = self.history
-        everyone_paused = not any(a.paces and not a.paused for a in self._attachments)
-        for attachment in self._attachments:
-            if attachment.paces and attachment.paused:
-                room = history.capacity - (history.end - self._pacing_cursor(attachment))
-                if everyone_paused or room <= 0:
-                    attachment.paces = False
-                    self._log.warn(
-                        "client at offset {offset} made no progress for {stall} s; the "
-                        "console no longer waits for it",
-                        offset=attachment.cursor,
-                        stall=self.max_stall,
-                    )
-
-    def _stall_expired(self) -> None:
-        self._stall_call = None
-        self._stop_waiting_for_stalled()
-        self._release_reading()
-
-    def _cancel_stall(self) -> None:
-        if self._stall_call is not None:
-            if self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
-
-    def _release_reading(self) -> None:
-        """Read the console again if it was held and there is room now."""
-        if not self._reading_held or self._room() <= 0:
-            return
-        self._reading_held = False
-        self._cancel_stall()
+    def read_again(self) -> None:
+        """The pacer let go of a held read: read the console again, if there is one."""
         if self._pty is not None and self.running and self.closed_reason is None:
             self._pty.startReading()
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        """The clients attached now (do not change the list)."""
+        return self._attachments
+
+    @property
+    def bytes_in(self) -> int:
+        """Input bytes written to the console."""
+        return self.input.bytes_in
 
     def output_received(self, data: bytes) -> None:
         """
@@ -567,7 +485,7 @@ class Multiplexer(Service):
             return
         attachment.attached = False
         self._attachments.remove(attachment)
-        self._release_reading()
+        self.pacer.release()
         self._log.info(
             "client detached at offset {offset}; {clients} attached",
             offset=attachment.cursor,
@@ -629,40 +547,8 @@ class Multiplexer(Service):
             attachment.client.output(Chunk(cursor, data))
 
     def input_received(self, attachment: Attachment, data: bytes) -> str | None:
-        """
-        A client typed C{data}: queue it for the console whole, or refuse it whole and
-        count it (read-only, console down or gone, or the input backlog full).
-
-        @return: why the input was refused, or C{None} if it was queued.
-        """
-        if not data:
-            return None
-        device = self._pty
-        reason: str | None = None
-        if self.read_only or attachment.read_only:
-            reason = REFUSED_READ_ONLY
-        elif self.closed_reason is not None:
-            reason = REFUSED_CONSOLE_CLOSED
-        elif device is None:
-            reason = REFUSED_CONSOLE_DOWN
-        elif device.pending_input + len(data) > INPUT_BACKLOG:
-            reason = REFUSED_BACKLOG_FULL
-        if reason is None:
-            assert device is not None
-            device.write(data)
-            self.bytes_in += len(data)
-            attachment._refused_for = None
-            return None
-        attachment.input_discarded += len(data)
-        if attachment._refused_for != reason:
-            attachment._refused_for = reason
-            self._log.info(
-                "input discarded ({why}): {count} bytes",
-                why=reason,
-                count=len(data),
-                total=attachment.input_discarded,
-            )
-        return reason
+        """A client typed C{data}: see L{InputPath.received}."""
+        return self.input.received(attachment, data, self._pty, self.read_only, self.closed_reason)
 
     # -- service ---------------------------------------------------------------------
 
@@ -690,7 +576,7 @@ class Multiplexer(Service):
         """
         Service.stopService(self)
         self.stopping = True
-        self._cancel_stall()
+        self.pacer.cancel()
         done: Deferred[Any] = self._close_all(CLOSE_GOING_AWAY, "server shutting down", True)
 
         def close_console(result: object) -> Deferred[Any]:

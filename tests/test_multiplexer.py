@@ -18,11 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from cloud_console.inputpath import INPUT_BACKLOG
 from cloud_console.multiplexer import (
     CATCH_UP_STEP,
     CLOSE_CONSOLE_CLOSED,
     CLOSE_GOING_AWAY,
-    INPUT_BACKLOG,
     Attachment,
     Chunk,
     IConsoleClient,

@@ -12,7 +12,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.multiplexer import INPUT_BACKLOG, Multiplexer, skip_marker
+from cloud_console.inputpath import INPUT_BACKLOG
+from cloud_console.multiplexer import Multiplexer, skip_marker
 from cloud_console.web import build_site
 from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
 
