@@ -3,6 +3,7 @@
 #
 # Sets up everything a fresh machine needs, then runs the whole suite with trial:
 #   - Debian's chromium for the browser tests (apt-get, only where it is missing);
+#   - Debian's nginx for the reverse-proxy test (only where missing);
 #   - for the real-guest tests (tests/guest.py): Debian's qemu-system-x86 and busybox-static
 #     (only where missing), and Debian's cloud kernel, fetched with apt-get download and
 #     unpacked with dpkg-deb -x (no maintainer scripts) into a cache outside the checkout;
@@ -25,6 +26,15 @@ if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
     echo "== installing Debian's chromium for the browser tests"
     apt_update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+
+if [ ! -x /usr/sbin/nginx ]; then
+    echo "== installing Debian's nginx for the reverse-proxy test (tests/test_nginx.py)"
+    apt_update
+    # The test does not use the package's service (on a machine with systemd, Debian
+    # starts it with its default site on port 80): it runs nginx in the foreground with
+    # its own configuration, ports and paths.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx >/dev/null
 fi
 
 guest_packages=""
