@@ -1,0 +1,434 @@
+"""
+contrib/systemd: cloud-console started exactly as systemd starts it for
+cloud-console.socket (the listening socket inherited as fd 3, LISTEN_FDS, LISTEN_FDNAMES,
+LISTEN_PID), with the command line of cloud-console.service; the hardening the unit asks
+for checked against what the daemon really does (the kernel's PR_SET_MDWE for
+MemoryDenyWriteExecute=, a trace of its system calls for SystemCallFilter=); and
+C{systemd-analyze verify} on the units where it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import Agent, readBody
+
+from tests.helpers import ROOT, Guest, Server, connect_v1
+
+UNITS = ROOT / "contrib" / "systemd"
+SERVICE = UNITS / "cloud-console.service"
+SOCKET = UNITS / "cloud-console.socket"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+
+# The step systemd takes between fork and exec, in the process that becomes the daemon:
+# LISTEN_PID is that process's own pid (known only after the fork), then exec, so the pid
+# is still the daemon's. With "mdwe" first, the kernel's PR_SET_MDWE
+# (PR_MDWE_REFUSE_EXEC_GAIN) is set before the exec: memory that is writable and
+# executable, or made executable later, is refused from then on, as systemd's
+# MemoryDenyWriteExecute= refuses it. It reports its pid (for a test under strace).
+WRAPPER = r"""
+import ctypes, os, sys
+args = sys.argv[1:]
+if args[0] == "mdwe":
+    args = args[1:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        sys.exit("PR_SET_MDWE: " + os.strerror(ctypes.get_errno()))
+os.environ["LISTEN_PID"] = str(os.getpid())
+sys.stderr.write("daemon pid %d\n" % os.getpid())
+sys.stderr.flush()
+os.execv(args[0], args)
+"""
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """C{Key=value} lines of a unit file (continuations joined, comments dropped)."""
+    settings: dict[str, list[str]] = {}
+    logical = ""
+    for line in path.read_text().splitlines():
+        if not logical and line.lstrip().startswith(("#", ";")):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        logical += line
+        if "=" in logical and not logical.startswith("["):
+            key, _, value = logical.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+        logical = ""
+    return settings
+
+
+def service_argv() -> list[str]:
+    """cloud-console.service's ExecStart, split as systemd splits it."""
+    (exec_start,) = unit_settings(SERVICE)["ExecStart"]
+    return shlex.split(exec_start)
+
+
+def fd_name() -> str:
+    (name,) = unit_settings(SOCKET)["FileDescriptorName"]
+    return name
+
+
+def listening_inodes() -> set[int]:
+    """The inodes of every listening TCP (v4, v6) and unix socket of this host."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    inodes.add(int(fields[9]))
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+                inodes.add(int(fields[6]))
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process C{pid} holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        match = re.fullmatch(r"socket:\[(\d+)\]", target)
+        if match:
+            inodes.add(int(match.group(1)))
+    return inodes
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    return response.code, await readBody(response)
+
+
+class Collect(ProcessProtocol):
+    """A short helper process's output and status."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+class Activated:
+    """One daemon started as systemd starts it for cloud-console.socket."""
+
+    def __init__(self, server: Server, listener: socket.socket) -> None:
+        self.server = server
+        self.listener = listener
+        self.port = int(listener.getsockname()[1])
+        self.pid = 0  # the daemon's, once it said so
+
+
+class SocketActivationTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.temp = Path(self.mktemp()).resolve()
+        self.temp.mkdir()
+
+    def guest(self) -> Guest:
+        guest = Guest()
+        guest.start_reading()
+        self.addCleanup(guest.close)
+        return guest
+
+    def write_config(self, consoles: dict[str, str]) -> Path:
+        config = self.temp / "consoles.toml"
+        config.write_text(
+            "".join(f'[console.{name}]\nsource = "{source}"\n\n' for name, source in consoles.items())
+        )
+        return config
+
+    def command(self, config: Path, port: str | None = None) -> list[str]:
+        """
+        The unit's ExecStart with this checkout's daemon, the test's config and log
+        directory, and (if given) another C{--port}.
+        """
+        argv = service_argv()
+        argv[argv.index("--config") + 1] = str(config)
+        argv[argv.index("--log-dir") + 1] = str(self.temp / "logs")
+        (self.temp / "logs").mkdir(exist_ok=True)
+        if port is not None:
+            argv[argv.index("--port") + 1] = port
+        return [sys.executable, "-m", "cloud_console.cli", *argv[1:]]
+
+    async def activate(
+        self, command: list[str], mdwe: bool = False, trace: Path | None = None
+    ) -> Activated:
+        """
+        Bind a listening socket as cloud-console.socket does, start C{command} with it as
+        fd 3 and systemd's variables; returns once the daemon has said it listens.
+        """
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            LISTEN_FDS="1",
+            LISTEN_FDNAMES=fd_name(),
+        )
+        env.pop("LISTEN_PID", None)
+        argv = [sys.executable, "-c", WRAPPER, *(["mdwe"] if mdwe else []), *command]
+        if trace is not None:
+            strace = shutil.which("strace")
+            assert strace is not None
+            argv = [strace, "-f", "-qq", "-o", str(trace), *argv]
+        server = Server()
+        reactor.spawnProcess(
+            server, argv[0], argv, env=env, path=str(ROOT),
+            childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+        )
+        activated = Activated(server, listener)
+
+        async def kill() -> None:
+            if server.status is None:
+                if activated.pid:
+                    os.kill(activated.pid, signal.SIGKILL)
+                server.signal("KILL")
+                await server.ended
+
+        self.addCleanup(kill)
+        await server.log_line(lambda log: b"daemon pid " in log)
+        activated.pid = int(re.search(rb"daemon pid (\d+)", server.stderr).group(1))  # type: ignore[union-attr]
+        await server.listening
+        return activated
+
+    async def serves(self, activated: Activated, guest: Guest, name: str) -> None:
+        """The console's API, its page and a WebSocket round trip, on the inherited port."""
+        code, body = await http_get(activated.port, "/api/consoles")
+        self.assertEqual(code, 200, body)
+        consoles = json.loads(body)["consoles"]
+        self.assertEqual([(c["name"], c["state"]) for c in consoles], [(name, "up")])
+        code, body = await http_get(activated.port, f"/c/{name}/")
+        self.assertEqual(code, 200)
+        client = await connect_v1(activated.port, f"/c/{name}/ws")
+        await guest.write(b"output from the guest\r\n")
+        await client.wait_text("output from the guest")
+        client.type(b"typed by a viewer\r")
+        await guest.receives(lambda data: b"typed by a viewer" in data)
+        client.sendClose()
+        await client.closed
+
+    def assert_only_inherited_listener(self, activated: Activated) -> None:
+        """The daemon listens on the socket it inherited, and on nothing else."""
+        inherited = os.fstat(activated.listener.fileno()).st_ino
+        listening = socket_inodes(activated.pid) & listening_inodes()
+        self.assertEqual(listening, {inherited})
+
+    async def stop(self, activated: Activated) -> None:
+        """systemd's stop: SIGTERM to the main process, which ends with status 0."""
+        os.kill(activated.pid, signal.SIGTERM)
+        self.assertEqual(await activated.server.ended, 0, activated.server.stderr.decode())
+
+    async def test_the_units_command_line_serves_on_the_socket(self) -> None:
+        """
+        cloud-console.service's ExecStart (its --port systemd:domain=INET:name=...) with
+        the socket named as cloud-console.socket names it serves on that socket, opens
+        no port of its own, and ends with 0 on SIGTERM.
+        """
+        self.assertIn("systemd:domain=INET:name=" + fd_name(), service_argv())
+        guest = self.guest()
+        activated = await self.activate(self.command(self.write_config({"vm1": guest.path})))
+        await self.serves(activated, guest, "vm1")
+        self.assert_only_inherited_listener(activated)
+        await self.stop(activated)
+        # The unit's --log-dir: each console logs to DIR/NAME.log.
+        self.assertIn(b"output from the guest", (self.temp / "logs" / "vm1.log").read_bytes())
+
+    async def test_by_index(self) -> None:
+        """The README's --port systemd:domain=INET:index=0 adopts the same socket."""
+        guest = self.guest()
+        command = self.command(self.write_config({"vm1": guest.path}), "systemd:domain=INET:index=0")
+        activated = await self.activate(command)
+        await self.serves(activated, guest, "vm1")
+        self.assert_only_inherited_listener(activated)
+        await self.stop(activated)
+
+    async def test_memory_deny_write_execute(self) -> None:
+        """
+        MemoryDenyWriteExecute=yes: the daemon, under the kernel's PR_SET_MDWE (memory
+        both writable and executable, or made executable later, refused), starts, serves
+        and reloads. A control first: a W+X mapping in the same wrapper is refused, so the
+        policy really holds after the exec.
+        """
+        control = Collect()
+        code = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"
+        reactor.spawnProcess(
+            control, sys.executable, [sys.executable, "-c", WRAPPER, "mdwe", sys.executable, "-c", code],
+            env=dict(os.environ),
+        )
+        status = await control.ended
+        if b"PR_SET_MDWE: Invalid argument" in control.output:
+            raise SkipTest("this kernel has no PR_SET_MDWE (Linux 6.3 or later)")
+        self.assertNotEqual(status, 0, control.output)
+        self.assertIn(b"PermissionError", control.output)
+
+        guest = self.guest()
+        consoles = {"vm1": guest.path}
+        activated = await self.activate(self.command(self.write_config(consoles)), mdwe=True)
+        await self.serves(activated, guest, "vm1")
+        await self.reload_adds_a_console(activated, consoles)
+        await self.stop(activated)
+
+    async def reload_adds_a_console(self, activated: Activated, consoles: dict[str, str]) -> None:
+        """ExecReload (SIGHUP) with a console added to the config: it comes up and serves."""
+        second = self.guest()
+        self.write_config({**consoles, "vm2": second.path})
+        os.kill(activated.pid, signal.SIGHUP)
+        await activated.server.log_line(lambda log: b"consoles reloaded: 1 added" in log)
+        client = await connect_v1(activated.port, "/c/vm2/ws")
+        await second.write(b"the second console\r\n")
+        await client.wait_text("the second console")
+        client.sendClose()
+        await client.closed
+
+    async def test_system_calls_within_the_filter(self) -> None:
+        """
+        Under strace, through start, a WebSocket round trip, a reload (SIGHUP) and a stop
+        (SIGTERM), every system call the daemon makes is in SystemCallFilter=@system-service
+        (with @default, always allowed), and none of them would trip systemd's
+        MemoryDenyWriteExecute= filter: no mapping both writable and executable, no
+        mprotect that makes memory executable.
+        """
+        if shutil.which("strace") is None:
+            raise SkipTest("strace is not installed (Debian: apt-get install strace)")
+        if not os.access(SYSTEMD_ANALYZE, os.X_OK):
+            raise SkipTest("systemd-analyze is not installed (Debian: apt-get install systemd)")
+        (filter_,) = unit_settings(SERVICE)["SystemCallFilter"]
+        groups = syscall_groups()
+        allowed = expand("@default", groups)
+        for entry in filter_.split():
+            allowed |= expand(entry, groups) if entry.startswith("@") else {entry}
+
+        trace = self.temp / "trace"
+        guest = self.guest()
+        consoles = {"vm1": guest.path}
+        activated = await self.activate(self.command(self.write_config(consoles)), trace=trace)
+        await self.serves(activated, guest, "vm1")
+        await self.reload_adds_a_console(activated, consoles)
+        await self.stop(activated)
+
+        lines = trace.read_bytes().splitlines()
+        made = {m.group(1).decode() for m in map(CALL.match, lines) if m}
+        self.assertIn("epoll_wait", made)  # the trace holds the daemon's calls
+        self.assertEqual(sorted(made - allowed), [])
+        refused = []
+        for line in lines:
+            match = MAP_CALL.match(line)
+            if match is None:
+                continue
+            call, args = match.groups()
+            if b"PROT_EXEC" in args and (call != b"mmap" or b"PROT_WRITE" in args):
+                refused.append(line.decode(errors="replace"))
+        self.assertEqual(refused, [])
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """systemd's system call groups (C{systemd-analyze syscall-filter}), as listed."""
+    output = subprocess.run(
+        [SYSTEMD_ANALYZE, "syscall-filter"], capture_output=True, text=True, check=True
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in output.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.strip().startswith("#") and line.startswith(" "):
+            current.append(line.strip())
+    return groups
+
+
+def expand(group: str, groups: dict[str, list[str]]) -> set[str]:
+    calls: set[str] = set()
+    for member in groups[group]:
+        calls |= expand(member, groups) if member.startswith("@") else {member}
+    return calls
+
+
+# strace lines: "PID name(args) = result", "PID <... name resumed>...", signals, exits.
+CALL = re.compile(rb"^\d+\s+(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>)")
+MAP_CALL = re.compile(rb"^\d+\s+(mmap|mprotect|pkey_mprotect)\((.*)")
+
+
+class UnitTests(TestCase):
+    timeout = 60
+
+    def test_analyze_verify(self) -> None:
+        """
+        C{systemd-analyze verify} finds nothing wrong with the units once ExecStart names
+        a binary that exists (this checkout's); on the units as shipped it says only
+        that /opt/cloud-console/bin/cloud-console does not exist here.
+        """
+        if not os.access(SYSTEMD_ANALYZE, os.X_OK):
+            raise SkipTest("systemd-analyze is not installed (Debian: apt-get install systemd)")
+        binary = Path(sys.executable).parent / "cloud-console"
+        if not os.access(binary, os.X_OK):
+            raise SkipTest(f"no {binary}: the package is not installed in this Python's environment")
+        shipped = service_argv()[0]
+        units = Path(self.mktemp()).resolve()
+        units.mkdir()
+        (units / SERVICE.name).write_text(SERVICE.read_text().replace(shipped, str(binary), 1))
+        shutil.copy(SOCKET, units / SOCKET.name)
+
+        def verify(directory: Path, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [SYSTEMD_ANALYZE, "verify", str(directory / SERVICE.name), str(directory / SOCKET.name)],
+                capture_output=True, text=True, env=dict(os.environ, **env),
+            )
+
+        result = verify(units)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        # At the default level verify keeps quiet about settings it ignores (a bad value,
+        # an unknown key): at debug level each is a line "FILE:LINE: ...".
+        result = verify(units, SYSTEMD_LOG_LEVEL="debug")
+        service, socket_ = str(units / SERVICE.name), str(units / SOCKET.name)
+        filter_line = next(
+            number for number, line in enumerate(SERVICE.read_text().splitlines(), 1)
+            if line.startswith("SystemCallFilter=")
+        )
+        # The one such line that is not the unit's: a name in systemd's @system-service
+        # that this machine's libseccomp is too old to know is skipped.
+        libseccomp = re.compile(
+            rf"{re.escape(service)}:{filter_line}: Failed to parse system call, ignoring: \w+"
+        )
+        ignored = [
+            line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith((service + ":", socket_ + ":")) and not libseccomp.fullmatch(line)
+        ]
+        self.assertEqual(ignored, [])
+        if not os.path.exists(shipped):
+            result = verify(UNITS)
+            self.assertEqual(
+                (result.stdout + result.stderr).strip(),
+                f"cloud-console.service: Command {shipped} is not executable: No such file or directory",
+            )
+
+    test_analyze_verify.timeout = 30  # type: ignore[attr-defined]
