@@ -12,7 +12,9 @@ A web console is a root shell on a VM for anyone who reaches it, so:
    same-site cookie the page's WebSocket then carries);
  - a credential may be read-only: that viewer's input is discarded and counted;
  - a credential may be limited to some consoles (fnmatch patterns over their names): the
-   others do not exist for it.
+   others do not exist for it;
+ - with C{--link-secret}, a bearer token may also be a signed, expiring link (a JSON Web
+   Token; see L{cloud_console.links}) for one console or a pattern of them.
 """
 
 from __future__ import annotations
@@ -170,11 +172,14 @@ class Access:
     Who logged in, whether they may type, and which consoles they may see.
 
     C{consoles} holds fnmatch patterns over console names; empty means every console.
+    C{link} is set for a signed link (L{cloud_console.links}): C{name} is then its C{sub},
+    and the gate answers 401, not 404, for a console the link is not for.
     """
 
     name: str
     read_only: bool
     consoles: tuple[str, ...] = ()
+    link: bool = False
 
     def may_see(self, console_name: str) -> bool:
         """Whether this credential may see the console of that name (at all)."""
@@ -377,7 +382,63 @@ class ConsoleRealm:
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
         if resource.IResource not in interfaces:
             raise NotImplementedError("only web resources here")
+        if isinstance(mind, _Mind):
+            mind.access = avatarId
         return resource.IResource, self.tree(avatarId), lambda: None
+
+
+@implementer(ICredentialsChecker)
+class BearerChecker:
+    """
+    Bearer tokens from the token file and signed links alike (the portal asks one checker
+    per credential interface): a token the file holds is accepted; anything else shaped
+    like a JSON Web Token is checked as a link, and refused with the link's reason.
+    """
+
+    credentialInterfaces = (IBearerToken,)
+
+    def __init__(self, tokens: ICredentialsChecker | None, links: ICredentialsChecker | None) -> None:
+        self.tokens = tokens
+        self.links = links
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
+        from .links import looks_like_jwt
+
+        if self.links is not None and (self.tokens is None or looks_like_jwt(creds.token)):
+            if self.tokens is None:
+                return self.links.requestAvatarId(creds)
+            # A file's token might (in theory) hold two dots: it is tried first.
+            tokens, links = self.tokens, self.links
+
+            def as_link(failure: Failure) -> Any:
+                failure.trap(error.UnauthorizedLogin)
+                return links.requestAvatarId(creds)
+
+            d: defer.Deferred[Any] = tokens.requestAvatarId(creds)
+            return d.addErrback(as_link)
+        assert self.tokens is not None
+        return self.tokens.requestAvatarId(creds)
+
+
+@dataclass
+class _Mind:
+    """Passed to the portal so that the gate learns the L{Access} the realm was given."""
+
+    access: Access | None = None
+
+
+def _first_cookie(request: Request, name: bytes) -> bytes | None:
+    """
+    The first C{name} cookie the request carries. A browser sends the most specific path
+    first, so a link's cookie (scoped to its console's directory) wins over an older
+    site-wide one of the same name; twisted.web's getCookie would keep the last.
+    """
+    for header in request.requestHeaders.getRawHeaders(b"cookie") or []:
+        for part in header.split(b";"):
+            key, sep, value = part.strip().partition(b"=")
+            if sep and key == name:
+                return value
+    return None
 
 
 def _basic_credentials(value: bytes) -> credentials.UsernamePassword | None:
@@ -403,12 +464,22 @@ class AuthGate(resource.Resource):
     _log = Logger()
 
     def __init__(
-        self, portal: portal.Portal, basic: bool, on_refused: Callable[[str], None] | None = None
+        self,
+        portal: portal.Portal,
+        basic: bool,
+        on_refused: Callable[[str], None] | None = None,
+        consoles_under: bytes | None = None,
     ) -> None:
+        """
+        @param consoles_under: the path segment the consoles are under (C{b"c"} for
+            C{/c/NAME/}), where a signed link is checked against the console it is used
+            on; C{None} with one console.
+        """
         resource.Resource.__init__(self)
         self.portal = portal
         self.basic = basic
         self.on_refused = on_refused
+        self.consoles_under = consoles_under
 
     def render(self, request: Request) -> Any:
         return self._authorized(request).render(request)
@@ -433,7 +504,7 @@ class AuthGate(resource.Resource):
         token = (request.args or {}).get(b"token")
         if token:
             return BearerToken(token[0]), True
-        cookie = request.getCookie(TOKEN_COOKIE)
+        cookie = _first_cookie(request, TOKEN_COOKIE)
         if cookie:
             return BearerToken(cookie), False
         return None, False
@@ -478,11 +549,34 @@ class AuthGate(resource.Resource):
             )
             return self._unauthorized()
 
+        console = self._console_asked(request)
+        mind = _Mind()
+
         def granted(result: tuple[Any, Any, Any]) -> Any:
+            access = mind.access
+            if access is not None and access.link:
+                if console is not None and not access.may_see(console):
+                    self._log.warn(
+                        "authentication failed from {peer}: signed link for {who} is for console "
+                        "{patterns}, not {console}",
+                        peer=str(peer), who=access.name, patterns=",".join(access.consoles), console=console,
+                    )
+                    return self._unauthorized()
+                if from_url or request.getHeader(b"upgrade"):
+                    self._log.info(
+                        "signed link for {who} ({mode}, console {patterns}) used from {peer} for {path}",
+                        who=access.name, mode="read-only" if access.read_only else "read-write",
+                        patterns=",".join(access.consoles) or "*", peer=str(peer),
+                        path=request.path.decode("latin-1"),
+                    )
             if from_url:
+                # A link's cookie has no Path: the browser scopes it to the directory of
+                # the URL it opened (its console's, however a proxy prefixes it), so links
+                # to two consoles open in two tabs do not overwrite each other's cookie.
+                link = access is not None and access.link
                 request.addCookie(
-                    TOKEN_COOKIE, creds.token, path=b"/", httpOnly=True, sameSite="strict",
-                    secure=request.isSecure(),
+                    TOKEN_COOKIE, creds.token, path=None if link else b"/", httpOnly=True,
+                    sameSite="strict", secure=request.isSecure(),
                 )
             return result[1]
 
@@ -493,9 +587,24 @@ class AuthGate(resource.Resource):
             )
             return self._unauthorized()
 
-        d = self.portal.login(creds, None, resource.IResource)
+        d = self.portal.login(creds, mind, resource.IResource)
         d.addCallbacks(granted, refused)
         return util.DeferredResource(d)
+
+    def _console_asked(self, request: Request) -> str | None:
+        """
+        The console name a request is for (C{/c/NAME/...}), where links are checked.
+
+        A link used on a console it is not for is answered 401 (where an ordinary
+        credential gets 404 for a console it may not see): a link names one console, so
+        the browser holding it is told the credential does not open this one, and since
+        the 401 comes before the name is looked up, it is the same for a console that
+        exists and for one that does not: no console's name is revealed either way.
+        """
+        postpath = request.postpath or []
+        if self.consoles_under is None or len(postpath) < 2 or postpath[0] != self.consoles_under:
+            return None
+        return postpath[1].decode("latin-1")
 
     def _unauthorized(self) -> resource.IResource:
         if self.on_refused is not None:
@@ -526,6 +635,8 @@ def build_gate(
     run_in_thread: Callable[..., Any] | None = None,
     *,
     on_refused: Callable[[str], None] | None = None,
+    link_secret: str | None = None,
+    consoles_under: bytes | None = None,
 ) -> AuthGate:
     """
     The authenticating root for the given credential files.
@@ -533,13 +644,24 @@ def build_gate(
     @param build_tree: the site tree for an access (called once per distinct scope; see
         L{ConsoleRealm}).
     @param on_refused: called with C{"auth"} on every 401.
+    @param link_secret: also accept links signed with the key in this file.
+    @param consoles_under: the segment consoles are under (many consoles), else C{None}.
 
-    @raise CredentialFileError: a file cannot be read or has a bad line.
+    @raise CredentialFileError: a file cannot be read, has a bad line, or (the link
+        secret) is open to others or too short.
     """
+    from .links import LinkChecker, load_link_secret
+
     checkers: list[ICredentialsChecker] = []
     if password_file:
         checkers.append(PasswordChecker(load_password_file(password_file), run_in_thread))
-    if token_file:
-        checkers.append(TokenChecker(load_token_file(token_file)))
+    tokens = TokenChecker(load_token_file(token_file)) if token_file else None
+    links = (
+        LinkChecker(load_link_secret(link_secret), single_console=consoles_under is None)
+        if link_secret else None
+    )
+    bearer: ICredentialsChecker | None = BearerChecker(tokens, links) if links is not None else tokens
+    if bearer is not None:
+        checkers.append(bearer)
     gate_portal = portal.Portal(ConsoleRealm(build_tree), checkers)
-    return AuthGate(gate_portal, basic=bool(password_file), on_refused=on_refused)
+    return AuthGate(gate_portal, basic=bool(password_file), on_refused=on_refused, consoles_under=consoles_under)

@@ -36,7 +36,7 @@ Options (as for `twistd cloudconsole`): --reopen, --head-size N, --history-size 
 --ping-interval S, --client-buffer N,
 --ack-window N, --static-dir DIR, --title T, --no-raw, --read-only, --port ENDPOINT
 (listen on more endpoints), --allow-origin ORIGIN, --max-clients N,
---password-file F, --token-file F; for many consoles: --console NAME=SOURCE
+--password-file F, --token-file F, --link-secret F; for many consoles: --console NAME=SOURCE
 (repeatable), --config FILE, --console-dir DIR, --log-dir DIR, --max-clients-total N,
 --metrics-port ENDPOINT. `cloud-console --help` lists them all.
 """
@@ -58,7 +58,7 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     options: list[str] = []
     takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
                    "--title", "--port", "--log-file", "--pty", "--allow-origin",
-                   "--max-clients", "--password-file", "--token-file", "--max-stall",
+                   "--max-clients", "--password-file", "--token-file", "--link-secret", "--max-stall",
                    "--console", "--head-size", "--ping-interval", "--config", "--console-dir",
                    "--log-dir", "--max-clients-total", "--metrics-port"}
     args = list(argv)

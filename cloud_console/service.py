@@ -108,8 +108,10 @@ def _settings(options: Any, **more: Any) -> ConsoleSettings:
 
 
 def _listen(service: ConsoleService, options: Any, site: Any, reactor: Any) -> None:
-    if not (options["password-file"] or options["token-file"]):
-        service._log.info("no --password-file or --token-file: anyone who reaches the port may type")
+    if not (options["password-file"] or options["token-file"] or options["link-secret"]):
+        service._log.info(
+            "no --password-file, --token-file or --link-secret: anyone who reaches the port may type"
+        )
     for description in options["port"]:
         strports.service(description, site, reactor=reactor).setServiceParent(service)
 
@@ -192,6 +194,7 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
             password_file=options["password-file"],
             token_file=options["token-file"],
             run_in_thread=_thread_runner(reactor),
+            link_secret=options["link-secret"],
         )
     except CredentialFileError as e:
         if console.follower.device is not None:
@@ -310,6 +313,7 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
             password_file=options["password-file"],
             token_file=options["token-file"],
             run_in_thread=run_blocking,
+            link_secret=options["link-secret"],
         )
     except CredentialFileError as e:
         raise StartupError(str(e)) from e

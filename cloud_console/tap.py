@@ -124,6 +124,13 @@ class Options(usage.Options):
         ["password-file", None, None, "Require HTTP Basic credentials from this file (see cloud-console-passwd)."],
         ["token-file", None, None, "Require (or also accept) bearer tokens from this file."],
         [
+            "link-secret",
+            None,
+            None,
+            "Require (or also accept) signed, expiring links (HS256 JSON Web Tokens, see "
+            "cloud-console-link) made with the key in this file (32 bytes or more, mode 0600).",
+        ],
+        [
             "max-stall",
             None,
             0.1,

@@ -215,6 +215,7 @@ def build_site(
     password_file: str | None = None,
     token_file: str | None = None,
     run_in_thread: Any = None,
+    link_secret: str | None = None,
 ) -> tuple[ConsoleSite, ConsoleServerFactory]:
     """
     The console's web site.
@@ -223,11 +224,13 @@ def build_site(
         rebuilt frontend is served without a restart); default the packaged build.
     @param password_file: require HTTP Basic credentials from this file.
     @param token_file: require (or also accept) bearer tokens from this file.
+    @param link_secret: require (or also accept) links signed with the key in this file
+        (their C{console} claim must be C{*}: this console has no name).
     @return: the site and the (read-write) WebSocket factory behind C{/ws}.
     @raise cloud_console.access.CredentialFileError: a credential file is unusable.
     """
     factory = ConsoleServerFactory(multiplexer, settings)
-    if not (password_file or token_file):
+    if not (password_file or token_file or link_secret):
         return ConsoleSite(build_tree(multiplexer, factory, static_dir), timeout=HTTP_IDLE_TIMEOUT), factory
 
     def tree_for(access: Access) -> resource.IResource:
@@ -239,7 +242,7 @@ def build_site(
     refusals = settings.refusals
     gate = build_gate(
         tree_for, password_file, token_file, run_in_thread,
-        on_refused=refusals.count if refusals is not None else None,
+        on_refused=refusals.count if refusals is not None else None, link_secret=link_secret,
     )
     return ConsoleSite(gate, timeout=HTTP_IDLE_TIMEOUT), factory
 
@@ -458,18 +461,23 @@ def build_fleet_site(
     password_file: str | None = None,
     token_file: str | None = None,
     run_in_thread: Any = None,
+    link_secret: str | None = None,
 ) -> ConsoleSite:
     """
     The many-console site (index, API, health, metrics, C{/c/NAME/}).
 
+    @param link_secret: also accept links signed with the key in this file (a link used
+        on a console it is not for gets 401; see L{AuthGate._console_asked}).
+
     @raise cloud_console.access.CredentialFileError: a credential file is unusable.
     """
-    if not (password_file or token_file):
+    if not (password_file or token_file or link_secret):
         rest = fleet.root_for(EVERYONE)
         root = _PublicHealth(Health(fleet.registry), rest)
         return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
     gate: AuthGate = build_gate(
-        fleet.root_for, password_file, token_file, run_in_thread, on_refused=fleet.refusals.count
+        fleet.root_for, password_file, token_file, run_in_thread, on_refused=fleet.refusals.count,
+        link_secret=link_secret, consoles_under=b"c",
     )
     root = _PublicHealth(Health(fleet.registry, gate.identify), gate)
     return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
