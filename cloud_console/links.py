@@ -168,6 +168,8 @@ class LinkChecker:
         if not isinstance(console, str):
             raise LinkRefused(f"signed link for {who}: the console claim is not a string")
         try:
+            if "," in console:
+                raise ValueError(f"console claim {console!r}: one name or pattern per link")
             patterns = parse_console_patterns(console)
         except ValueError as e:
             raise LinkRefused(f"signed link for {who}: {e}") from None

@@ -31,10 +31,12 @@ from twisted.web.http_headers import Headers
 
 from cloud_console import links
 from cloud_console.access import CredentialFileError, hash_password
-from cloud_console.links import LEEWAY, LinkChecker, LinkRefused, load_link_secret, mint
+from cloud_console.links import LinkChecker, LinkRefused, load_link_secret, mint
 from tests.helpers import ROOT, Guest, Server, V1Client, free_port, serve_process
 
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes
+#: The clock leeway the issue asks for (written out, not imported: a change must fail here).
+LEEWAY = 30
 
 
 def write_secret(test: SynchronousTestCase, data: bytes = SECRET, mode: int = 0o600) -> str:
@@ -146,6 +148,7 @@ class CheckerTests(SynchronousTestCase):
                          "signed link for bob lacks the console claim")
         self.assertIn("not a string", self.refused(token({"console": 1, "exp": self.now + 600})))
         self.assertIn("patterns use", self.refused(token({"console": "VM/1", "exp": self.now + 600})))
+        self.assertIn("one name or pattern", self.refused(token({"console": "vm1,vm2", "exp": self.now + 600})))
         self.assertIn("ro claim", self.refused(token({"console": "vm1", "ro": "yes", "exp": self.now + 600})))
 
     def test_single_console_needs_star(self) -> None:
