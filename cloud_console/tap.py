@@ -291,7 +291,15 @@ class Options(usage.Options):
     def _check_endpoint(option: str, description: str) -> None:
         try:
             serverFromString(None, description)
-        except (ValueError, KeyError, TypeError, OSError) as e:
+        except (IndexError, KeyError) as e:
+            if description.startswith("systemd:"):
+                # Twisted looks the socket up as it parses: none was passed by systemd.
+                raise usage.UsageError(
+                    f"{option} {description!r}: systemd passed no such socket "
+                    f"(LISTEN_FDS, LISTEN_FDNAMES: start it through its .socket unit)"
+                )
+            raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e!r}")
+        except (ValueError, TypeError, OSError) as e:
             raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}")
 
 

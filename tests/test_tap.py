@@ -94,6 +94,12 @@ class OptionsTests(SynchronousTestCase):
 class ConsoleOptionTests(SynchronousTestCase):
     """--console SOURCE, --pty, --reopen, --head-size and --ping-interval."""
 
+    def test_systemd_port_without_a_socket(self) -> None:
+        """A systemd: port with no socket passed is a usage error saying so, not a traceback."""
+        for description in ("systemd:domain=INET:index=0", "systemd:domain=INET:name=web"):
+            e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/7", "--port", description)
+            self.assertIn("systemd passed no such socket", str(e))
+
     def test_console_forms(self) -> None:
         """Every SOURCE form parses into its source; the title defaults to the SOURCE."""
         for text in ("/dev/pts/7", "pty:/run/vm1.console", "unix:/run/vm1.serial",
