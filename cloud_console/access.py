@@ -105,8 +105,12 @@ class OriginPolicy:
             if normalize_origin(allowed) == parsed:
                 return True
         scheme, host, port = parsed
+        # A Host (or X-Forwarded-Host) without a port means the scheme's default one, as a
+        # browser sends it: not "whatever port the Origin has", which would let a page on
+        # another port of the same name through.
+        default = _DEFAULT_PORTS[scheme]
         for candidate in hosts:
-            if candidate and _host_and_port(candidate, port) == (host, port):
+            if candidate and _host_and_port(candidate, default) == (host, port):
                 return True
         return False
 

@@ -48,6 +48,17 @@ FAST = 1000
 class OriginPolicyTests(SynchronousTestCase):
     """Which origins may open the WebSocket."""
 
+    def test_host_without_a_port_is_the_default_port(self) -> None:
+        """
+        A Host or X-Forwarded-Host without a port names the scheme's default port, so a
+        page on another port of the same name is refused.
+        """
+        policy = OriginPolicy(())
+        self.assertTrue(policy.permits("https://console.example.com", [None, "console.example.com"]))
+        self.assertTrue(policy.permits("http://console.example.com", ["console.example.com"]))
+        self.assertFalse(policy.permits("https://console.example.com:8443", [None, "console.example.com"]))
+        self.assertTrue(policy.permits("https://console.example.com:8443", ["console.example.com:8443"]))
+
     def test_same_origin(self) -> None:
         """The page's own scheme://host:port is allowed, default ports included."""
         policy = OriginPolicy()
