@@ -578,3 +578,21 @@ async def serve_process(test: TestCase, args: list[str]) -> Server:
     test.addCleanup(kill)
     await server.listening
     return server
+
+
+async def http_request(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """A GET to 127.0.0.1:C{port}: the status, the response headers and the body."""
+    from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
+
+    raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), raw)
+    return response.code, response.headers, await readBody(response)
+
+
+async def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """A GET to 127.0.0.1:C{port}: the status and the body."""
+    code, _, body = await http_request(port, path, headers)
+    return code, body

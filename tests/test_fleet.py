@@ -15,24 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
 
-from tests.helpers import Guest, Server, V1Client, connect_v1, free_port, serve_process, spawn_server
-
-
-async def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """A GET to the server on 127.0.0.1:C{port}; the status and the body."""
-    agent = Agent(reactor)
-    raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
-    response = await agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), raw)
-    return response.code, await readBody(response)
+from tests.helpers import Guest, Server, V1Client, connect_v1, free_port, http_get, serve_process, spawn_server
 
 
 async def get_json(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    code, body = await get(port, path, headers)
+    code, body = await http_get(port, path, headers)
     return code, json.loads(body)
 
 
@@ -114,7 +103,7 @@ class ConsolesTests(FleetTestCase):
         await a.write(b"still here\r\n")
         await client_a.wait_text("still here\r\n")
         self.assertIsNone(server.status)
-        code, _ = await get(self.port, "/c/nope/")
+        code, _ = await http_get(self.port, "/c/nope/")
         self.assertEqual(code, 404)
 
     async def test_metrics(self) -> None:
@@ -124,7 +113,7 @@ class ConsolesTests(FleetTestCase):
         client = await self.v1("vm1")
         await a.write(b"12345")
         await client.wait_text("12345")
-        code, body = await get(self.port, "/metrics")
+        code, body = await http_get(self.port, "/metrics")
         self.assertEqual(code, 200)
         samples = {
             (sample.name, sample.labels.get("console")): sample.value
@@ -142,7 +131,7 @@ class ConsolesTests(FleetTestCase):
         await self.v1("a")
         with self.assertRaises(AssertionError):
             await self.v1("b")
-        code, body = await get(self.port, "/metrics")
+        code, body = await http_get(self.port, "/metrics")
         self.assertIn(b'cloud_console_refused_upgrades_total{reason="limit"} 1.0', body)
 
 
@@ -272,20 +261,20 @@ class AccessTests(FleetTestCase):
             "--metrics-port", f"tcp:port={metrics_port}:interface=127.0.0.1",
         )
         auth = {"Authorization": "Bearer web-operator-token-0123456789"}
-        self.assertEqual((await get(self.port, "/c/web-1/", auth))[0], 200)
-        self.assertEqual((await get(self.port, "/c/db1/", auth))[0], 404)
-        self.assertEqual((await get(self.port, "/c/db1/"))[0], 401)
-        self.assertEqual((await get(self.port, "/c/nothing/"))[0], 401)
+        self.assertEqual((await http_get(self.port, "/c/web-1/", auth))[0], 200)
+        self.assertEqual((await http_get(self.port, "/c/db1/", auth))[0], 404)
+        self.assertEqual((await http_get(self.port, "/c/db1/"))[0], 401)
+        self.assertEqual((await http_get(self.port, "/c/nothing/"))[0], 401)
         code, listing = await get_json(self.port, "/api/consoles", auth)
         self.assertEqual([x["name"] for x in listing["consoles"]], ["web-1"])
         code, health = await get_json(self.port, "/healthz")
         self.assertEqual((code, health["consoles"]), (200, 2))
         self.assertNotIn("downConsoles", health)
-        self.assertEqual((await get(self.port, "/metrics"))[0], 401)
-        code, body = await get(self.port, "/metrics", auth)
+        self.assertEqual((await http_get(self.port, "/metrics"))[0], 401)
+        code, body = await http_get(self.port, "/metrics", auth)
         self.assertIn(b'console="web-1"', body)
         self.assertNotIn(b'console="db1"', body)
-        code, body = await get(metrics_port, "/metrics")
+        code, body = await http_get(metrics_port, "/metrics")
         self.assertEqual(code, 200)
         self.assertIn(b'console="db1"', body)
         code, health = await get_json(metrics_port, "/healthz")

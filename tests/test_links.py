@@ -26,13 +26,11 @@ from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
 
 from cloud_console import links
 from cloud_console.access import CredentialFileError, hash_password
 from cloud_console.links import LinkChecker, LinkRefused, load_link_secret, mint
-from tests.helpers import ROOT, Guest, Server, V1Client, free_port, serve_process
+from tests.helpers import ROOT, Guest, Server, V1Client, free_port, http_request, serve_process
 
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes
 #: The clock leeway the issue asks for (written out, not imported: a change must fail here).
@@ -210,13 +208,6 @@ class LinkToolTests(SynchronousTestCase):
 # -- real processes ---------------------------------------------------------------------------
 
 
-async def request(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, Headers, bytes]:
-    """A GET to 127.0.0.1:C{port}; the status, the response headers and the body."""
-    raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), raw)
-    return response.code, response.headers, await readBody(response)
-
-
 async def open_v1(port: int, path: str, headers: dict[str, str]) -> V1Client:
     """A v1 client whose upgrade carries C{headers} (a cookie, an Authorization)."""
     factory = WebSocketClientFactory(
@@ -269,7 +260,7 @@ class LinkServerTestCase(TestCase):
         """The page (by URL and by header) and the upgrade are 401; the reason is logged only."""
         before = server.count(reason.encode())
         for where, headers in ((f"{path}?token={link}", {}), (path, {"Authorization": f"Bearer {link}"})):
-            code, response_headers, body = await request(self.port, where, headers)
+            code, response_headers, body = await http_request(self.port, where, headers)
             self.assertEqual(code, 401, (where, reason))
             self.assertNotIn(reason.encode(), body)
             self.assertNotIn(b"signed link", body)
@@ -296,7 +287,7 @@ class FleetLinkTests(LinkServerTestCase):
         url = urlsplit(out.strip())
         self.assertEqual(url.path, "/c/vm1/")
         link = url.query.removeprefix("token=")
-        code, headers, body = await request(self.port, f"{url.path}?{url.query}")
+        code, headers, body = await http_request(self.port, f"{url.path}?{url.query}")
         self.assertEqual(code, 200)
         self.assertIn(b"<html", body.lower())
         [cookie] = headers.getRawHeaders(b"set-cookie")
@@ -318,8 +309,8 @@ class FleetLinkTests(LinkServerTestCase):
         bearer = await self.v1("/c/vm1/ws", {"Authorization": f"Bearer {link}"})
         await vm1.write(b"second\r\n")
         await bearer.wait_text("second")
-        self.assertEqual((await request(self.port, "/c/vm1/history", {"Authorization": f"Bearer {link}"}))[0], 200)
-        code, _, body = await request(self.port, "/api/consoles", {"Authorization": f"Bearer {link}"})
+        self.assertEqual((await http_request(self.port, "/c/vm1/history", {"Authorization": f"Bearer {link}"}))[0], 200)
+        code, _, body = await http_request(self.port, "/api/consoles", {"Authorization": f"Bearer {link}"})
         self.assertEqual([c["name"] for c in json.loads(body)["consoles"]], ["vm1"])
 
     async def test_refusals(self) -> None:
@@ -344,7 +335,7 @@ class FleetLinkTests(LinkServerTestCase):
         await self.refused(server, "/c/vm2/", token(ok), "signed link for mallory is for console vm1, not vm2")
         await self.refused(server, "/c/nope/", token(ok), "signed link for mallory is for console vm1, not nope")
         # The link itself is good where it belongs.
-        self.assertEqual((await request(self.port, "/c/vm1/", {"Authorization": f"Bearer {token(ok)}"}))[0], 200)
+        self.assertEqual((await http_request(self.port, "/c/vm1/", {"Authorization": f"Bearer {token(ok)}"}))[0], 200)
 
     async def test_read_only_link(self) -> None:
         """ro: the session is read-only (the hello says so) and typing is discarded."""
@@ -373,7 +364,7 @@ class FleetLinkTests(LinkServerTestCase):
         link = token({"sub": "carol", "console": "vm1", "exp": exp})
         client = await self.v1("/c/vm1/ws", {"Cookie": f"cloud-console-token={link}"})
         await task.deferLater(reactor, max(0.0, exp + LEEWAY + 1 - time.time()), lambda: None)
-        code, _, _ = await request(self.port, "/c/vm1/", {"Authorization": f"Bearer {link}"})
+        code, _, _ = await http_request(self.port, "/c/vm1/", {"Authorization": f"Bearer {link}"})
         self.assertEqual(code, 401)
         await server.log_line(lambda err: b"signed link for carol has expired" in err)
         await vm1.write(b"after expiry\r\n")
@@ -397,8 +388,8 @@ class FleetLinkTests(LinkServerTestCase):
             {"Authorization": f"Basic {basic}"},
             {"Authorization": f"Bearer {mint(SECRET, 'vm1', 60, user='erin')}"},
         ):
-            self.assertEqual((await request(self.port, "/c/vm1/", headers))[0], 200, headers)
-        self.assertEqual((await request(self.port, "/c/vm1/", {"Authorization": "Bearer nope-0123456789abcdef"}))[0], 401)
+            self.assertEqual((await http_request(self.port, "/c/vm1/", headers))[0], 200, headers)
+        self.assertEqual((await http_request(self.port, "/c/vm1/", {"Authorization": "Bearer nope-0123456789abcdef"}))[0], 401)
         await self.refused(server, "/c/vm1/", mint(b"x" * 32, "vm1", 60), "signed link with a wrong signature")
 
 
@@ -412,7 +403,7 @@ class SingleConsoleLinkTests(LinkServerTestCase):
         self.assertEqual(status, 0)
         url = urlsplit(out.strip())
         self.assertEqual(url.path, "/")
-        code, headers, _ = await request(self.port, f"/?{url.query}")
+        code, headers, _ = await http_request(self.port, f"/?{url.query}")
         self.assertEqual(code, 200)
         link = url.query.removeprefix("token=")
         client = await self.v1("/ws", {"Cookie": f"cloud-console-token={link}"})

@@ -24,9 +24,8 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import Agent, readBody
 
-from tests.helpers import ROOT, Guest, Server, connect_v1
+from tests.helpers import ROOT, Guest, Server, connect_v1, http_get
 
 UNITS = ROOT / "contrib" / "systemd"
 SERVICE = UNITS / "cloud-console.service"
@@ -112,11 +111,6 @@ def socket_inodes(pid: int) -> set[int]:
         if match:
             inodes.add(int(match.group(1)))
     return inodes
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-    return response.code, await readBody(response)
 
 
 class Collect(ProcessProtocol):
