@@ -30,6 +30,9 @@ from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
 
 __all__ = ["SUBPROTOCOL_V1", "ConsoleServerFactory", "ConsoleServerProtocol", "ConsoleSettings"]
 
+#: Output this small is written to the socket at once (see L{ConsoleServerProtocol.output}).
+INTERACTIVE_OUTPUT = 1024
+
 
 @dataclass
 class ConsoleSettings:
@@ -200,6 +203,20 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
 
     def output(self, chunk: Chunk) -> None:
         self.dialect.output(chunk)
+        if len(chunk.data) <= INTERACTIVE_OUTPUT:
+            self._write_now()
+
+    def _write_now(self) -> None:
+        """
+        Hand a small message (an echo, a prompt) to the socket in this reactor turn
+        rather than the next: the transport would otherwise wait for the next turn, which
+        a console flooding beside this one makes long. Bulk output keeps the transport's
+        own pace (and its coalescing).
+        """
+        transport: Any = self.transport
+        write = getattr(transport, "doWrite", None)
+        if write is not None and transport.connected and not transport.disconnecting:
+            write()
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
         self._log.info(

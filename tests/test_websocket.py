@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cloud_console.inputpath import INPUT_BACKLOG
 from cloud_console.multiplexer import Multiplexer, skip_marker
 from cloud_console.web import build_site
-from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
+from cloud_console.websocket import INTERACTIVE_OUTPUT, SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
 
 from .helpers import OP_BINARY, OP_CLOSE, OP_TEXT, FakePty, Frame, WebClient, use_memory_reactor
 
@@ -560,3 +560,27 @@ class HeadAndConsoleStateTests(SynchronousTestCase):
         settings = ConsoleSettings(ping_interval=1.5)
         self.site, factory = build_site(self.multiplexer, settings, self.mktemp())
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (1.5, 3.0))
+
+
+class WriteNowTests(SiteTestCase):
+    """Small output (an echo) goes to the socket in this turn; bulk output keeps its pace."""
+
+    def test_small_output_written_at_once(self) -> None:
+        """
+        A small chunk asks the transport to write now; a large one, or a closing
+        connection, does not.
+        """
+        client = self.client()
+        client.frames()
+        calls: list[int] = []
+        transport: Any = client.transport
+        transport.doWrite = lambda: calls.append(1)
+        transport.connected = True
+        self.multiplexer.output_received(b"x")
+        self.assertEqual(calls, [1])
+        self.multiplexer.output_received(b"y" * (INTERACTIVE_OUTPUT + 1))
+        self.assertEqual(calls, [1])
+        transport.disconnecting = True
+        self.multiplexer.output_received(b"z")
+        self.assertEqual(calls, [1])
+        self.assertEqual(client.output(), b"x" + b"y" * (INTERACTIVE_OUTPUT + 1) + b"z")
