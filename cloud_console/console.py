@@ -20,8 +20,8 @@ from twisted.logger import Logger
 from .config import ConsoleSpec
 from .device import ConsoleOpenError
 from .follow import ConsoleFollower
-from .logfile import LogFileError, LogFileSink
-from .multiplexer import CLOSE_CONSOLE_CLOSED, Multiplexer, iso_time
+from .logfile import LogFileSink
+from .multiplexer import Multiplexer, iso_time
 from .sources import SourceError
 
 #: Bytes a paused viewer may fall behind and still catch up intact, whatever the
@@ -181,7 +181,7 @@ def build_console(
     The one place a console's objects are made (for one console or many). Nothing is
     opened yet but the log file; see L{Console.open_now}.
 
-    @raise LogFileError: the log file cannot be opened.
+    @raise cloud_console.logfile.LogFileError: the log file cannot be opened.
     """
     multiplexer = Multiplexer(
         spec.history_size,
@@ -201,6 +201,3 @@ def build_console(
     )
     sink = LogFileSink(spec.log_file, multiplexer) if spec.log_file else None
     return Console(spec, multiplexer, follower, sink)
-
-
-__all__ = ["Console", "ConsoleLimits", "ConsoleStatus", "LogFileError", "build_console"]

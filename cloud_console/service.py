@@ -30,7 +30,7 @@ from .metrics import RefusalCounts
 from .multiplexer import Multiplexer
 from .registry import ConsoleRegistry
 from .sources import SourceError
-from .web import ConsoleSite, FleetService, build_fleet_site, build_site
+from .web import ConsoleSite, FleetResources, build_fleet_site, build_site
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Exit status when the console (pty) could not be opened or went away: the original's.
@@ -306,7 +306,7 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
     )
     if settings.origins.allow_any:
         service._log.warn("--allow-origin '*': any web page may open the consoles' WebSockets")
-    fleet = FleetService(registry, settings, options["static-dir"])
+    fleet = FleetResources(registry, settings, options["static-dir"])
     try:
         site = build_fleet_site(
             fleet,

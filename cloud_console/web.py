@@ -382,8 +382,11 @@ class ConsolePages(resource.Resource):
         return self.tree_for(console, self.access.read_only)
 
 
-class FleetService:
-    """What the many-console site needs from the server: its consoles and shared settings."""
+class FleetResources:
+    """
+    The many-console site's resources, made from the registry and the server-wide
+    settings: one tree per access, each console's page made once per mode.
+    """
 
     def __init__(
         self,
@@ -457,7 +460,7 @@ class _PublicHealth(resource.Resource):
 
 
 def build_fleet_site(
-    fleet: FleetService,
+    fleet: FleetResources,
     password_file: str | None = None,
     token_file: str | None = None,
     run_in_thread: Any = None,
