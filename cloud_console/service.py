@@ -5,7 +5,7 @@ console or many.
 Service order matters: services stop in the reverse of the order they were added. The
 ports close first; then each console closes its clients (with close frames), then its
 device, then its log file, which so still logs what the console says during the close
-handshakes (see L{cloud_console.console.Console}).
+handshakes (see L{cloud_console.console.console.Console}).
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from .access import CredentialFileError, OriginPolicy
-from .config import ConfigError, ConsoleSpec, load_config
-from .console import ConsoleLimits, build_console
-from .consoledir import ConsoleDirWatcher, scan_console_dir
-from .device import ConsoleOpenError
-from .logfile import LogFileError, LogFileSink
-from .metrics import RefusalCounts
-from .multiplexer import Multiplexer
-from .registry import ConsoleRegistry
-from .sources import SourceError
-from .web import ConsoleSite, FleetResources, build_fleet_site, build_site
-from .websocket import ConsoleServerFactory, ConsoleSettings
+from .access.policy import CredentialFileError
+from .console.console import ConsoleLimits, build_console
+from .console.device import ConsoleOpenError
+from .console.logfile import LogFileError, LogFileSink
+from .console.multiplexer import Multiplexer
+from .console.sources import SourceError
+from .console.spec import ConsoleSpec
+from .fleet.config import ConfigError, load_config
+from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
+from .fleet.registry import ConsoleRegistry
+from .web.metrics import RefusalCounts
+from .web.origin import OriginPolicy
+from .web.site import ConsoleSite, FleetResources, build_fleet_site, build_site
+from .web.websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Exit status when the console (pty) could not be opened or went away: the original's.
 EXIT_CONSOLE_FAILED = 2

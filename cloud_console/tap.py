@@ -166,7 +166,7 @@ class Options(usage.Options):
         unix:PATH, cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL]), or
         NAME=SOURCE, repeatable, for a host's consoles in one process.
         """
-        from .config import split_console_option
+        from .fleet.config import split_console_option
 
         try:
             self["consoles"].append(split_console_option(value))
@@ -178,7 +178,7 @@ class Options(usage.Options):
         Also accept WebSocket upgrades from this browser origin (scheme://host[:port],
         repeatable); * accepts any origin (not recommended).
         """
-        from .access import normalize_origin
+        from .web.origin import normalize_origin
 
         if origin not in ("*", "null") and normalize_origin(origin) is None:
             raise usage.UsageError(
@@ -213,7 +213,7 @@ class Options(usage.Options):
 
     def _single_console(self) -> None:
         """The original's mode: one console, served at /."""
-        from .sources import parse_source
+        from .console.sources import parse_source
 
         consoles = [source for _, source in self["consoles"]]
         if len(consoles) > 1:
@@ -245,7 +245,7 @@ class Options(usage.Options):
 
     def _multi_console(self) -> None:
         """A host's consoles: named on the command line, in --config, in --console-dir."""
-        from .config import ConfigError, load_config, spec_defaults, spec_for
+        from .fleet.config import ConfigError, load_config, spec_defaults, spec_for
 
         for name, source in self["consoles"]:
             if name is None:

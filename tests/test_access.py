@@ -18,26 +18,22 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from cloud_console import passwd
-from cloud_console.access import (
-    Access,
-    AuthGate,
+from cloud_console.access import passwd
+from cloud_console.access.checkers import (
     BearerToken,
-    ConsoleRealm,
-    CredentialFileError,
-    OriginPolicy,
     PasswordChecker,
     TokenChecker,
-    build_gate,
     hash_password,
     load_password_file,
     load_token_file,
-    parse_console_patterns,
     verify_password,
 )
-from cloud_console.multiplexer import Multiplexer
-from cloud_console.web import build_site
-from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings
+from cloud_console.access.policy import Access, CredentialFileError, parse_console_patterns
+from cloud_console.web.gate import AuthGate, ConsoleRealm, build_gate
+from cloud_console.web.origin import OriginPolicy
+from cloud_console.console.multiplexer import Multiplexer
+from cloud_console.web.site import build_site
+from cloud_console.web.websocket import SUBPROTOCOL_V1, ConsoleSettings
 
 from .helpers import OP_BINARY, FakePty, WebClient, use_memory_reactor
 

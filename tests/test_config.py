@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.config}: C{--console NAME=SOURCE}, L{spec_for}'s defaults and
+Tests for L{cloud_console.fleet.config}: C{--console NAME=SOURCE}, L{spec_for}'s defaults and
 refusals, and C{--config} TOML files (every key, every mistake with its line and key).
 """
 
@@ -10,17 +10,17 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.config import (
+from cloud_console.console.spec import ConsoleSpec
+from cloud_console.fleet.config import (
     NAME_PATTERN,
     ConfigError,
-    ConsoleSpec,
     load_config,
     spec_defaults,
     spec_for,
     split_console_option,
     valid_name,
 )
-from cloud_console.sources import PtySource, QmpSource, UnixSource, parse_source
+from cloud_console.console.sources import PtySource, QmpSource, UnixSource, parse_source
 
 
 class NameTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.consoledir}: scanning a real directory (a real pty behind a
+Tests for L{cloud_console.fleet.consoledir}: scanning a real directory (a real pty behind a
 symlink, a real bound unix socket, SOURCE files, bad and ignored names), and the watcher
 against a real directory: real inotify on the real reactor, real inotify driven by hand
 on a memory reactor, and the rescan fallback on a clock.
@@ -18,13 +18,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cloud_console import consoledir
-from cloud_console.consoledir import (
-    MAX_SOURCE_FILE,
-    ConsoleDirWatcher,
-    scan_console_dir,
-)
-from cloud_console.sources import PtySource, QmpSource, UnixSource
+from cloud_console.fleet import consoledir
+from cloud_console.fleet.consoledir import MAX_SOURCE_FILE, ConsoleDirWatcher, scan_console_dir
+from cloud_console.console.sources import PtySource, QmpSource, UnixSource
 
 
 def _short_tempdir(case: SynchronousTestCase) -> str:

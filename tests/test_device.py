@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.device} on a real pty pair from C{os.openpty()}.
+Tests for L{cloud_console.console.device} on a real pty pair from C{os.openpty()}.
 
 The test plays the VM monitor on the master side; production code opens the slave by
 path, as it would a guest console.
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloud_console.device import (
+from cloud_console.console.device import (
     ACTIVE_WINDOW,
     READ_PER_TURN,
     READ_PER_TURN_SHARED,
@@ -316,7 +316,7 @@ class ConnectUnixTests(SynchronousTestCase):
         """A listening socket is connected; the descriptor is non-blocking."""
         import socket
 
-        from cloud_console.device import connect_unix
+        from cloud_console.console.device import connect_unix
 
         path = self.mktemp()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -333,7 +333,7 @@ class ConnectUnixTests(SynchronousTestCase):
 
     def test_nothing_listening(self) -> None:
         """No socket there: a ConsoleOpenError naming the path and the reason."""
-        from cloud_console.device import connect_unix
+        from cloud_console.console.device import connect_unix
 
         path = self.mktemp()
         e = self.assertRaises(ConsoleOpenError, connect_unix, path)

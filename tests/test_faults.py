@@ -29,7 +29,7 @@ from twisted.python import log
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cloud_console.inputpath import INPUT_BACKLOG
+from cloud_console.console.inputpath import INPUT_BACKLOG
 from tests.helpers import OP_BINARY, Guest, Server, connect_v1
 from tests.test_badinput import RawClient, start_console, ws_frame
 

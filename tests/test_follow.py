@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.follow}: opening the console from its source, and following it
+Tests for L{cloud_console.console.follow}: opening the console from its source, and following it
 through hang-ups, reboots that make a new pty, and a VMM that is not there yet.
 
 Real ptys from C{os.openpty()} and real unix sockets stand for the VMM's side; time is a
@@ -18,10 +18,10 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.device import ConsoleDevice, ConsoleOpenError
-from cloud_console.follow import RETRY_FIRST, RETRY_MAX, ConsoleFollower
-from cloud_console.multiplexer import Multiplexer
-from cloud_console.sources import SourceError, parse_source
+from cloud_console.console.device import ConsoleDevice, ConsoleOpenError
+from cloud_console.console.follow import RETRY_FIRST, RETRY_MAX, ConsoleFollower
+from cloud_console.console.multiplexer import Multiplexer
+from cloud_console.console.sources import SourceError, parse_source
 
 from .test_multiplexer import FakeClient, attach
 

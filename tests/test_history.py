@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.history}: the byte ring buffer with absolute offsets.
+Tests for L{cloud_console.console.history}: the byte ring buffer with absolute offsets.
 
 Pure logic, so L{SynchronousTestCase} throughout; the hypothesis tests check the ring
 against the simplest possible model, a C{bytes} holding everything ever written.
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.history import History, OffsetTooOld
+from cloud_console.console.history import History, OffsetTooOld
 
 
 def _wrapped(capacity: int, *writes: bytes | bytearray | memoryview) -> History:

@@ -1,5 +1,5 @@
 """
-Signed, expiring console links (L{cloud_console.links}): the secret file's checks, the
+Signed, expiring console links (L{cloud_console.access.links}): the secret file's checks, the
 claims as the checker reads them, C{cloud-console-link}'s inputs, and real
 C{cloud-console} processes opened with links that C{cloud-console-link} (a real process
 too) minted: page, cookie, WebSocket, read-only, every kind of refusal (401, the reason
@@ -27,9 +27,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cloud_console import links
-from cloud_console.access import CredentialFileError, hash_password
-from cloud_console.links import LinkChecker, LinkRefused, load_link_secret, mint
+from cloud_console.access import links
+from cloud_console.access.checkers import hash_password
+from cloud_console.access.policy import CredentialFileError
+from cloud_console.access.links import LinkChecker, LinkRefused, load_link_secret, mint
 from tests.helpers import ROOT, Guest, Server, V1Client, free_port, http_request, serve_process
 
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes
@@ -223,7 +224,7 @@ async def link_tool(*args: str) -> tuple[int, str, str]:
     """C{cloud-console-link ARGS} as a real process: status, stdout, stderr."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out, err, status = await getProcessOutputAndValue(
-        sys.executable, ["-m", "cloud_console.links", *args], env=env, path=str(ROOT)
+        sys.executable, ["-m", "cloud_console.access.links", *args], env=env, path=str(ROOT)
     )
     return status, out.decode(), err.decode()
 

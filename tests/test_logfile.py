@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.logfile}: the log file as one more console client.
+Tests for L{cloud_console.console.logfile}: the log file as one more console client.
 
 These use real files under the test's temporary directory (C{self.mktemp()}), and
 C{/dev/full} for a real ENOSPC, but no reactor and no time.
@@ -15,8 +15,8 @@ from twisted.logger import LogEvent, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cloud_console.logfile import LogFileError, LogFileSink
-from cloud_console.multiplexer import Chunk, IConsoleClient, Multiplexer
+from cloud_console.console.logfile import LogFileError, LogFileSink
+from cloud_console.console.multiplexer import Chunk, IConsoleClient, Multiplexer
 
 from .helpers import FakePty
 

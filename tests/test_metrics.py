@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.metrics}: the refusal counts, the collector read through a real
+Tests for L{cloud_console.web.metrics}: the refusal counts, the collector read through a real
 Prometheus text parse (C{prometheus_client.parser}), and the C{/metrics} resource.
 """
 
@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from cloud_console.metrics import MetricsPage, RefusalCounts, metrics_registry
+from cloud_console.web.metrics import MetricsPage, RefusalCounts, metrics_registry
 
 
 @dataclass(frozen=True)

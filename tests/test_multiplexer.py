@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.multiplexer}: history plus live output fanned out to clients,
+Tests for L{cloud_console.console.multiplexer}: history plus live output fanned out to clients,
 cursor-based flow control, the boot's head and the skip to the tail, the console going
 down and up, the bounded input backlog, and shutdown.
 
@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cloud_console.inputpath import INPUT_BACKLOG
-from cloud_console.multiplexer import (
+from cloud_console.console.inputpath import INPUT_BACKLOG
+from cloud_console.console.multiplexer import (
     CATCH_UP_STEP,
     CLOSE_CONSOLE_CLOSED,
     CLOSE_GOING_AWAY,

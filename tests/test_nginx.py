@@ -34,7 +34,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
-from cloud_console.links import LEEWAY
+from cloud_console.access.links import LEEWAY
 from tests.helpers import free_port, handshake, write_self_signed
 from tests.test_browser import SHOWS_TEXT, BrowserHarness, ConsoleServer, Guest, Watched
 
@@ -260,7 +260,7 @@ class Host:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         done = subprocess.run(
             [
-                sys.executable, "-m", "cloud_console.links", "--secret", str(self.secret),
+                sys.executable, "-m", "cloud_console.access.links", "--secret", str(self.secret),
                 "--console", console, "--ttl", str(ttl), "--user", "alice",
                 "--base", self.base(nginx),
             ],

@@ -15,8 +15,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloud_console.multiplexer import Chunk, IConsoleClient, Multiplexer
-from cloud_console.device import READ_PER_TURN, ConsoleDevice, TurnShare
+from cloud_console.console.multiplexer import Chunk, IConsoleClient, Multiplexer
+from cloud_console.console.device import READ_PER_TURN, ConsoleDevice, TurnShare
 
 from .helpers import FakePty
 

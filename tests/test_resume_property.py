@@ -15,9 +15,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.multiplexer import Multiplexer
-from cloud_console.web import build_site
-from cloud_console.websocket import SUBPROTOCOL_V1, ConsoleSettings
+from cloud_console.console.multiplexer import Multiplexer
+from cloud_console.web.site import build_site
+from cloud_console.web.websocket import SUBPROTOCOL_V1, ConsoleSettings
 
 from .helpers import OP_BINARY, OP_TEXT, FakePty, Frame, WebClient, decode_frames, use_memory_reactor
 

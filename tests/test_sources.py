@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.sources}: parsing every SOURCE form, and resolving against real
+Tests for L{cloud_console.console.sources}: parsing every SOURCE form, and resolving against real
 unix sockets: the cloud-hypervisor stand-in, and a small scripted QMP server (real QEMU
 is exercised by the integration tests).
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.sources import (
+from cloud_console.console.sources import (
     ACCEPTED_FORMS,
     CloudHypervisorSource,
     PtySource,

@@ -14,10 +14,10 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloud_console.cli import CommandLineError, positional_to_options
-from cloud_console.console import Console
+from cloud_console.console.console import Console
 from cloud_console.service import ConsoleService, StartupError, build_service
 from cloud_console.tap import DEFAULT_PORT, Options
-from cloud_console.websocket import ConsoleServerFactory
+from cloud_console.web.websocket import ConsoleServerFactory
 
 
 def parse(*args: str) -> Options:

@@ -1,5 +1,5 @@
 """
-Tests for the static side of L{cloud_console.web}: the page from a directory, re-read on
+Tests for the static side of L{cloud_console.web.site}: the page from a directory, re-read on
 every request, gzip for text, explicit types, no listings, no way out of the directory.
 Served on a real port on 127.0.0.1 (static.File streams through the reactor).
 """
@@ -13,9 +13,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
-from cloud_console.multiplexer import Multiplexer
-from cloud_console.web import build_site
-from cloud_console.websocket import ConsoleSettings
+from cloud_console.console.multiplexer import Multiplexer
+from cloud_console.web.site import build_site
+from cloud_console.web.websocket import ConsoleSettings
 
 
 class Fetch(protocol.Protocol):

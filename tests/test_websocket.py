@@ -1,5 +1,5 @@
 """
-Tests for L{cloud_console.websocket} and L{cloud_console.web} over StringTransports: the
+Tests for L{cloud_console.web.websocket} and L{cloud_console.web.site} over StringTransports: the
 original protocol, the v1 subprotocol, flow control and framing.
 """
 
@@ -12,10 +12,15 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.inputpath import INPUT_BACKLOG
-from cloud_console.multiplexer import Multiplexer, skip_marker
-from cloud_console.web import build_site
-from cloud_console.websocket import INTERACTIVE_OUTPUT, SUBPROTOCOL_V1, ConsoleSettings, _TransportFlow
+from cloud_console.console.inputpath import INPUT_BACKLOG
+from cloud_console.console.multiplexer import Multiplexer, skip_marker
+from cloud_console.web.site import build_site
+from cloud_console.web.websocket import (
+    INTERACTIVE_OUTPUT,
+    SUBPROTOCOL_V1,
+    ConsoleSettings,
+    _TransportFlow,
+)
 
 from .helpers import OP_BINARY, OP_CLOSE, OP_TEXT, FakePty, Frame, WebClient, use_memory_reactor
 
@@ -416,7 +421,7 @@ class PauseDuringHistoryTests(SiteTestCase):
         The transport's pause during attach takes effect: only part of a large history is
         written before the client is paused, and the rest follows on resume.
         """
-        from cloud_console import websocket
+        from cloud_console.web import websocket
 
         original = websocket._TransportFlow.pauseProducing
         pauses: list[int] = []
@@ -470,7 +475,7 @@ class KeepaliveTests(SiteTestCase):
 
     def test_idle_http_connection_closed(self) -> None:
         """A connection that never finishes its request is closed after the idle timeout."""
-        from cloud_console.web import HTTP_IDLE_TIMEOUT
+        from cloud_console.web.site import HTTP_IDLE_TIMEOUT
 
         client = WebClient(self.site, 9)
         client.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n")

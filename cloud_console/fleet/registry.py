@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from .config import ConsoleSpec
-from .console import Console, ConsoleStatus
-from .logfile import LogFileError
+from ..console.console import Console, ConsoleStatus
+from ..console.logfile import LogFileError
+from ..console.spec import ConsoleSpec
 
 #: Close reason for the clients of a console a reload removed.
 REMOVED = "console removed"

@@ -2,7 +2,7 @@
 What the consoles are, as configured: C{--console NAME=SOURCE}, C{--config FILE}.
 
 One L{ConsoleSpec} per console, built the same way whatever said so (the command line,
-a TOML file, a directory entry in L{cloud_console.consoledir}): L{spec_for} holds the
+a TOML file, a directory entry in L{cloud_console.fleet.consoledir}): L{spec_for} holds the
 defaults and the checks, so a console means the same thing from any of them.
 
 A config file (Python's C{tomllib}) holds one C{[console.NAME]} table per console and
@@ -27,10 +27,10 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .sources import Source, parse_source
+from ..console.sources import parse_source
+from ..console.spec import ConsoleSpec
 
 #: A console's name: it goes in URLs (C{/c/NAME/}), file names (C{LOG_DIR/NAME.log}),
 #: metric labels and directory entries, hence lowercase and no separators.
@@ -42,27 +42,9 @@ NAME_RULE = (
     "lowercase letters, digits, '.', '_' or '-'"
 )
 
-DEFAULT_HISTORY_SIZE = 80_000
-DEFAULT_HEAD_SIZE = 256 * 1024
 
 #: The keys a C{[console.NAME]} table may hold, in the order error messages list them.
 CONSOLE_KEYS = ("source", "title", "log-file", "history-size", "head-size", "read-only", "reopen")
-
-
-@dataclass(frozen=True)
-class ConsoleSpec:
-    """What one console is, as configured (command line, --config, --console-dir)."""
-
-    name: str | None  # None only for the single console of the original command line
-    source: Source  # cloud_console.sources.parse_source(text)
-    title: str  # default: the name (or the SOURCE text in single mode)
-    log_file: str | None = None
-    history_size: int = DEFAULT_HISTORY_SIZE
-    head_size: int = DEFAULT_HEAD_SIZE
-    read_only: bool = False
-    reopen: bool = True  # multi-console mode: True unless the source is a bare /dev/pts/N
-    raw: bool = True
-    origin: str = "command line"  # "command line" | "config" | "directory"
 
 
 class ConfigError(Exception):

@@ -11,7 +11,7 @@ The two ways a WebSocket client speaks to a console, each a small class.
    console states, refused input, the console's end) comes as JSON text, never mixed into
    the terminal's bytes.
 
-The connection (L{cloud_console.websocket.ConsoleServerProtocol}) does the handshake,
+The connection (L{cloud_console.web.websocket.ConsoleServerProtocol}) does the handshake,
 flow control and teardown, and hands everything the console says to its dialect.
 """
 
@@ -23,11 +23,11 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from .multiplexer import CLOSE_LAGGING, Attachment, Chunk, Multiplexer, skip_marker
+from ..console.multiplexer import CLOSE_LAGGING, Attachment, Chunk, Multiplexer, skip_marker
 
 
 class Connection(Protocol):
-    """What a dialect needs of its WebSocket connection (L{cloud_console.websocket})."""
+    """What a dialect needs of its WebSocket connection (L{cloud_console.web.websocket})."""
 
     factory: Any
     attachment: Attachment | None

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.logger import Logger
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web import http, pages, resource, server, static
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
-from .access import Access, AuthGate, build_gate
-from .console import Console, ConsoleStatus
+from ..access.policy import Access
+from ..console.console import Console, ConsoleStatus
+from ..console.multiplexer import Multiplexer
+from ..fleet.registry import ConsoleRegistry
+from .gate import AuthGate, build_gate
 from .metrics import MetricsPage, RefusalCounts, metrics_registry
-from .multiplexer import Multiplexer
-from .registry import ConsoleRegistry
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Types set explicitly: the system's mime table (which L{static.File} reads) may lack
@@ -227,7 +228,7 @@ def build_site(
     @param link_secret: require (or also accept) links signed with the key in this file
         (their C{console} claim must be C{*}: this console has no name).
     @return: the site and the (read-write) WebSocket factory behind C{/ws}.
-    @raise cloud_console.access.CredentialFileError: a credential file is unusable.
+    @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     factory = ConsoleServerFactory(multiplexer, settings)
     if not (password_file or token_file or link_secret):
@@ -472,7 +473,7 @@ def build_fleet_site(
     @param link_secret: also accept links signed with the key in this file (a link used
         on a console it is not for gets 401; see L{AuthGate._console_asked}).
 
-    @raise cloud_console.access.CredentialFileError: a credential file is unusable.
+    @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     if not (password_file or token_file or link_secret):
         rest = fleet.root_for(EVERYONE)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .access import CredentialFileError, hash_password, load_password_file, parse_console_patterns
+from .checkers import hash_password, load_password_file
+from .policy import CredentialFileError, parse_console_patterns
 
 USAGE = "usage: cloud-console-passwd <password_file> <user> [--read-only] [--consoles PATTERNS]\n"
 

@@ -36,7 +36,7 @@ KNOWN_REFUSALS = ("origin", "auth", "limit")
 
 class ConsoleStatusLike(Protocol):
     """
-    What this module reads from C{cloud_console.console.ConsoleStatus}.
+    What this module reads from C{cloud_console.console.console.ConsoleStatus}.
 
     A protocol rather than an import so that metrics stay free of the console machinery
     (and testable with a plain dataclass). Properties, so a frozen dataclass satisfies it.

@@ -8,9 +8,9 @@ history is the only queue and nothing is copied per client. A client whose curso
 fallen out of the history learns of the gap; what it does then (close, or reset and
 replay) is its own business.
 
-The guest is read at the pace of the viewers that keep up (L{cloud_console.pacing}), and
+The guest is read at the pace of the viewers that keep up (L{cloud_console.console.pacing}), and
 what clients type goes to the console through a bounded input path that never pauses
-anyone (L{cloud_console.inputpath}).
+anyone (L{cloud_console.console.inputpath}).
 
 The console can go I{down} and come back (a reboot that makes a new pty, a VMM restart):
 the clients and the history stay, the clients hear of it, and the stream goes on at the

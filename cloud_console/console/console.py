@@ -4,7 +4,7 @@ One VM's console, whole: where it is (its source, followed across reboots), what
 file; knowing nothing of HTTP.
 
 A process serves one console (the original command line) or many (a host's VMs, through
-L{cloud_console.registry}); either way each is a L{Console} built by L{build_console}, so
+L{cloud_console.fleet.registry}); either way each is a L{Console} built by L{build_console}, so
 one console behaves the same alone or among a thousand.
 """
 
@@ -17,12 +17,12 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .config import ConsoleSpec
 from .device import ConsoleOpenError
 from .follow import ConsoleFollower
 from .logfile import LogFileSink
 from .multiplexer import Multiplexer, iso_time
 from .sources import SourceError
+from .spec import ConsoleSpec
 
 #: Bytes a paused viewer may fall behind and still catch up intact, whatever the
 #: replayed history's size: the ring is this large at least. Measured: with the 80 KB
@@ -181,7 +181,7 @@ def build_console(
     The one place a console's objects are made (for one console or many). Nothing is
     opened yet but the log file; see L{Console.open_now}.
 
-    @raise cloud_console.logfile.LogFileError: the log file cannot be opened.
+    @raise cloud_console.console.logfile.LogFileError: the log file cannot be opened.
     """
     multiplexer = Multiplexer(
         spec.history_size,

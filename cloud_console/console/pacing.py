@@ -11,13 +11,38 @@ the others by at most that, once; it paces again once it has caught up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
-    from .multiplexer import Attachment, Multiplexer
+from .history import History
+
+
+class PacedViewer(Protocol):
+    """What the pacer reads and sets on a viewer (an attachment)."""
+
+    cursor: int
+    paces: bool
+    in_head: bool
+
+    @property
+    def paused(self) -> bool: ...
+
+
+class PacedConsole(Protocol):
+    """What the pacer needs of its console (the multiplexer): the ring, the viewers, reading."""
+
+    @property
+    def history(self) -> History: ...
+
+    @property
+    def tail_start(self) -> int: ...
+
+    @property
+    def attachments(self) -> Sequence[PacedViewer]: ...
+
+    def read_again(self) -> None: ...
 
 
 class ReadPacer:
@@ -25,7 +50,7 @@ class ReadPacer:
 
     _log = Logger()
 
-    def __init__(self, multiplexer: Multiplexer, clock: IReactorTime | None, max_stall: float) -> None:
+    def __init__(self, multiplexer: PacedConsole, clock: IReactorTime | None, max_stall: float) -> None:
         self.multiplexer = multiplexer
         self.clock = clock
         self.max_stall = max_stall
@@ -47,7 +72,7 @@ class ReadPacer:
             self._stall_call = self.clock.callLater(self.max_stall, self._stall_expired)
         return max(budget, 0)
 
-    def _pacing_cursor(self, attachment: Attachment) -> int:
+    def _pacing_cursor(self, attachment: PacedViewer) -> int:
         """
         Where a viewer's stream goes on in the ring: its cursor, or, while it is still
         being sent the boot's head, the tail it will skip to (so a new viewer reading

@@ -10,12 +10,9 @@ for it (a viewer who never typed keeps receiving output, pings and acks).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from twisted.logger import Logger
-
-if TYPE_CHECKING:
-    from .multiplexer import Attachment
 
 #: Most input bytes held for a guest that is not reading its input, per console. A
 #: message is queued whole or refused whole, so a paste is never cut in the middle.
@@ -26,6 +23,14 @@ REFUSED_READ_ONLY = "read-only"
 REFUSED_CONSOLE_DOWN = "console down"
 REFUSED_CONSOLE_CLOSED = "console closed"
 REFUSED_BACKLOG_FULL = "input backlog full"
+
+
+class InputSender(Protocol):
+    """What the input path reads and records on the client that typed (its attachment)."""
+
+    read_only: bool
+    input_discarded: int
+    refused_for: str | None
 
 
 class InputDevice(Protocol):
@@ -51,7 +56,7 @@ class InputPath:
 
     def received(
         self,
-        attachment: Attachment,
+        attachment: InputSender,
         data: bytes,
         device: InputDevice | None,
         read_only: bool,

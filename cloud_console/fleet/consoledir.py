@@ -38,8 +38,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from .config import NAME_RULE, ConsoleSpec, spec_defaults, spec_for, valid_name
-from .sources import parse_source
+from ..console.sources import parse_source
+from ..console.spec import ConsoleSpec
+from .config import NAME_RULE, spec_defaults, spec_for, valid_name
 
 #: The largest SOURCE file read; anything bigger is not one SOURCE line.
 MAX_SOURCE_FILE = 4096
@@ -91,7 +92,7 @@ def scan_console_dir(
     The consoles a directory names now, sorted by name, and why entries were skipped.
 
     Each spec has origin C{"directory"}, the entry's name as name and title, and the
-    server-wide C{defaults} (as L{cloud_console.config.spec_defaults} reads them: sizes,
+    server-wide C{defaults} (as L{cloud_console.fleet.config.spec_defaults} reads them: sizes,
     read-only, raw, log-dir). A directory that cannot be listed gives no consoles and a
     warning. Entries vanishing during the scan are left out silently (the change that
     removed them brings another rescan).

@@ -3,7 +3,7 @@ The WebSocket side of the console: one Autobahn protocol per browser.
 
 The connection class does the handshake, flow control and teardown; the two protocols
 it may speak (the original's, and C{cloud-console.v1}) are its dialects
-(L{cloud_console.dialects}).
+(L{cloud_console.web.dialects}).
 
 Flow control is the multiplexer's pause/cursor mechanism, driven from two places: the
 transport (a push producer registered here is paused when more than C{client_buffer}
@@ -23,10 +23,10 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .access import OriginPolicy
+from ..console.multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
 from .dialects import SUBPROTOCOL_V1, OriginalDialect, V1Dialect, frame_raw, frame_v1
 from .metrics import RefusalCounts
-from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
+from .origin import OriginPolicy
 
 __all__ = ["SUBPROTOCOL_V1", "ConsoleServerFactory", "ConsoleServerProtocol", "ConsoleSettings"]
 
@@ -88,7 +88,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     """
     One browser (or any WebSocket client) attached to the console: the handshake
     (origin, limits, which dialect), flow control, attaching and closing. What the
-    console says is put in words by the connection's dialect (L{cloud_console.dialects}).
+    console says is put in words by the connection's dialect (L{cloud_console.web.dialects}).
     """
 
     _log = Logger()

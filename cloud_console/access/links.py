@@ -36,9 +36,11 @@ import jwt
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .access import Access, CredentialFileError, IBearerToken, parse_console_patterns
+from .checkers import IBearerToken
+from .policy import Access, CredentialFileError, parse_console_patterns
 
 #: The only algorithm accepted (a fixed list, never read from the token: RFC 8725 2.1).
 ALGORITHMS = ["HS256"]
@@ -268,3 +270,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
+
+@implementer(ICredentialsChecker)
+class BearerChecker:
+    """
+    Bearer tokens from the token file and signed links alike (the portal asks one checker
+    per credential interface): a token the file holds is accepted; anything else shaped
+    like a JSON Web Token is checked as a link, and refused with the link's reason.
+    """
+
+    credentialInterfaces = (IBearerToken,)
+
+    def __init__(self, tokens: ICredentialsChecker | None, links: ICredentialsChecker | None) -> None:
+        self.tokens = tokens
+        self.links = links
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
+        if self.links is not None and (self.tokens is None or looks_like_jwt(creds.token)):
+            if self.tokens is None:
+                return self.links.requestAvatarId(creds)
+            # A file's token might (in theory) hold two dots: it is tried first.
+            tokens, links = self.tokens, self.links
+
+            def as_link(failure: Failure) -> Any:
+                failure.trap(error.UnauthorizedLogin)
+                return links.requestAvatarId(creds)
+
+            d: defer.Deferred[Any] = tokens.requestAvatarId(creds)
+            return d.addErrback(as_link)
+        assert self.tokens is not None
+        return self.tokens.requestAvatarId(creds)
