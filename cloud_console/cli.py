@@ -38,7 +38,8 @@ Options (as for `twistd cloudconsole`): --reopen, --head-size N, --history-size 
 (listen on more endpoints), --allow-origin ORIGIN, --max-clients N,
 --password-file F, --token-file F, --link-secret F; for many consoles: --console NAME=SOURCE
 (repeatable), --config FILE, --console-dir DIR, --log-dir DIR, --max-clients-total N,
---metrics-port ENDPOINT. `cloud-console --help` lists them all.
+--metrics-port ENDPOINT; the SSH door: --ssh-port ENDPOINT, --ssh-host-key F,
+--ssh-authorized-keys F, --ssh-user-ca F. `cloud-console --help` lists them all.
 """
 
 EXIT_USAGE = 1
@@ -46,6 +47,25 @@ EXIT_USAGE = 1
 
 class CommandLineError(Exception):
     """A usage error in the positional arguments."""
+
+
+def _options_with_values() -> set[str]:
+    """
+    Every option that takes a value, read from the plugin's options (so that a new one
+    is never taken for a positional argument here): its parameters and its C{opt_}
+    methods that take an argument (--console, --port, --ssh-port, ...).
+    """
+    import inspect
+
+    from .tap import Options
+
+    names = {"--" + parameter[0] for parameter in Options.optParameters}
+    for attribute in dir(Options):
+        if attribute.startswith("opt_"):
+            method = getattr(Options, attribute)
+            if len(inspect.signature(method).parameters) == 2:
+                names.add("--" + attribute[4:].replace("_", "-"))
+    return names
 
 
 def positional_to_options(argv: Sequence[str]) -> list[str]:
@@ -56,11 +76,7 @@ def positional_to_options(argv: Sequence[str]) -> list[str]:
     """
     positional: list[str] = []
     options: list[str] = []
-    takes_value = {"--history-size", "--client-buffer", "--ack-window", "--static-dir",
-                   "--title", "--port", "--log-file", "--pty", "--allow-origin",
-                   "--max-clients", "--password-file", "--token-file", "--link-secret", "--max-stall",
-                   "--console", "--head-size", "--ping-interval", "--config", "--console-dir",
-                   "--log-dir", "--max-clients-total", "--metrics-port"}
+    takes_value = _options_with_values()
     args = list(argv)
     while args:
         arg = args.pop(0)

@@ -21,7 +21,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from .access.policy import CredentialFileError
-from .console.console import ConsoleLimits, build_console
+from .console.console import Console, ConsoleLimits, build_console
 from .console.device import ConsoleOpenError
 from .console.logfile import LogFileError, LogFileSink
 from .console.multiplexer import Multiplexer
@@ -30,7 +30,11 @@ from .console.spec import ConsoleSpec
 from .fleet.config import ConfigError, load_config
 from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
-from .web.metrics import RefusalCounts
+from .ssh.auth import Keyring
+from .ssh.factory import ConsoleSSHFactory
+from .ssh.hostkey import HostKeyError, load_or_create_host_key
+from .ssh.session import ConsoleDirectory, SSHDoor, SSHSettings
+from .web.metrics import FrontCounts, RefusalCounts
 from .web.origin import OriginPolicy
 from .web.site import ConsoleSite, FleetResources, build_fleet_site, build_site
 from .web.websocket import ConsoleServerFactory, ConsoleSettings
@@ -62,6 +66,8 @@ class ConsoleService(MultiService):
         self.site: ConsoleSite | None = None
         self.websocket_factory: ConsoleServerFactory | None = None
         self.on_sighup: Callable[[], None] | None = None
+        #: More to reload on SIGHUP (the SSH door's keys).
+        self.reloads: list[Callable[[], None]] = []
         self._previous_sighup: Any = None
         if multiplexer is not None:
             multiplexer.when_console_closed(self._console_closed)
@@ -83,12 +89,17 @@ class ConsoleService(MultiService):
 
     def startService(self) -> None:
         MultiService.startService(self)
-        handler = self.on_sighup
-        if handler is not None and hasattr(signal, "SIGHUP"):
+        if (self.on_sighup is not None or self.reloads) and hasattr(signal, "SIGHUP"):
             reactor = self.reactor
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(handler)
+                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self._sighup)
             )
+
+    def _sighup(self) -> None:
+        if self.on_sighup is not None:
+            self.on_sighup()
+        for reload in self.reloads:
+            reload()
 
     def stopService(self) -> Any:
         if self._previous_sighup is not None:
@@ -205,6 +216,7 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
     service.site = site
     service.websocket_factory = factory
     _listen(service, options, site, reactor)
+    _listen_ssh(service, options, OneConsole(console), reactor)
     return service
 
 
@@ -320,11 +332,93 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
     except CredentialFileError as e:
         raise StartupError(str(e)) from e
     service.site = site
+    door = _listen_ssh(service, options, FleetConsoles(registry), reactor)
+    fleet.fronts = lambda: _front_counts(registry, refusals, door)
     if options["metrics-port"]:
         metrics_site = ConsoleSite(fleet.metrics_root())
         strports.service(options["metrics-port"], metrics_site, reactor=reactor).setServiceParent(service)
     _listen(service, options, site, reactor)
     return service
+
+
+class OneConsole:
+    """The SSH door's view of the one console of the original command line."""
+
+    single = True
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def find(self, name: str) -> Console | None:
+        return self.console
+
+    def names(self) -> list[str]:
+        return []
+
+    def total_viewers(self) -> int:
+        return self.console.multiplexer.viewer_count
+
+
+class FleetConsoles:
+    """The SSH door's view of a host's consoles: the registry, by name."""
+
+    single = False
+
+    def __init__(self, registry: ConsoleRegistry) -> None:
+        self.registry = registry
+
+    def find(self, name: str) -> Console | None:
+        return self.registry.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(console.name or "" for console in self.registry)
+
+    def total_viewers(self) -> int:
+        return self.registry.viewer_count
+
+
+def _listen_ssh(service: ConsoleService, options: Any, consoles: ConsoleDirectory, reactor: Any) -> SSHDoor | None:
+    """
+    The SSH door, where C{--ssh-port} asks for it: the host key (made if missing), the
+    keyring (reloaded with the rest on SIGHUP), the listening ports.
+
+    @raise StartupError: the host key or a key file cannot be used.
+    """
+    if not options["ssh-port"]:
+        return None
+    try:
+        host_key = load_or_create_host_key(options["ssh-host-key"])
+        keyring = Keyring(
+            options["ssh-authorized-keys"], options["ssh-user-ca"], options["ssh-revoked-keys"]
+        )
+    except (HostKeyError, CredentialFileError) as e:
+        raise StartupError(str(e)) from e
+    settings = SSHSettings(
+        escape=options["ssh-escape-bytes"],
+        max_clients=options["max-clients"],
+        max_clients_total=options["max-clients-total"],
+    )
+    door = SSHDoor(consoles, settings, reactor)
+    factory = ConsoleSSHFactory(door, host_key, keyring)
+    service._log.info("SSH door algorithms: {algorithms}", algorithms=factory.algorithms())
+    for description in options["ssh-port"]:
+        strports.service(description, factory, reactor=reactor).setServiceParent(service)
+    service.reloads.append(keyring.reload)
+    return door
+
+
+def _front_counts(registry: ConsoleRegistry, refusals: RefusalCounts, door: SSHDoor | None) -> FrontCounts:
+    """Sessions by front door, and authentication failures by door and reason, now."""
+    sessions = {"web": 0, "ssh": 0}
+    for console in registry:
+        for label, _read_only in console.multiplexer.viewers():
+            front = label.front if label is not None else "web"
+            sessions[front] = sessions.get(front, 0) + 1
+    failures = {("web", "credential"): refusals.snapshot().get("auth", 0)}
+    if door is not None:
+        for reason, count in door.failures.counts.items():
+            failures[("ssh", reason)] = count
+    return FrontCounts(sessions, failures)
 
 
 def _thread_runner(reactor: Any) -> Any:

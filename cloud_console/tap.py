@@ -151,6 +151,33 @@ class Options(usage.Options):
             _number("max-clients-total", int, "clients", False),
         ],
         ["metrics-port", None, None, "Also serve /metrics and /healthz, without credentials, on this endpoint."],
+        [
+            "ssh-host-key",
+            None,
+            None,
+            "The SSH door's host key (an OpenSSH private key, mode 0600); made (ed25519) if missing.",
+        ],
+        [
+            "ssh-authorized-keys",
+            None,
+            None,
+            "OpenSSH authorized_keys of the keys that may use the SSH door (options consoles=, "
+            "read-only, from=); reloaded on SIGHUP.",
+        ],
+        [
+            "ssh-user-ca",
+            None,
+            None,
+            "Trusted user CA public keys: certificates they sign open the consoles their "
+            "principals name (read-only:PATTERN for read-only); reloaded on SIGHUP.",
+        ],
+        [
+            "ssh-revoked-keys",
+            None,
+            None,
+            "Keys and certificates refused at the SSH door (public keys, serial: N, id: KEY_ID lines).",
+        ],
+        ["ssh-escape", None, "^Ec", "The SSH door's escape prefix (a control character and a letter)."],
     ]
 
     def __init__(self) -> None:
@@ -159,6 +186,7 @@ class Options(usage.Options):
         self["allow-origin"] = []
         self["console"] = None
         self["consoles"] = []
+        self["ssh-port"] = []
 
     def opt_console(self, value: str) -> None:
         """
@@ -194,9 +222,18 @@ class Options(usage.Options):
         self._check_endpoint("--port", description)
         self["port"].append(description)
 
+    def opt_ssh_port(self, description: str) -> None:
+        """
+        Also serve the consoles over SSH on this Twisted endpoint (repeatable), e.g.
+        tcp:port=2222:interface=127.0.0.1 or systemd:domain=INET:name=ssh.
+        """
+        self._check_endpoint("--ssh-port", description)
+        self["ssh-port"].append(description)
+
     def postOptions(self) -> None:
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
+        self._ssh()
         if self["static-dir"] is not None:
             from pathlib import Path
 
@@ -286,6 +323,33 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"console {', '.join(both)} is named both on the command line and in {self['config']}"
                 )
+
+    def _ssh(self) -> None:
+        """The SSH door's options: all or nothing, and a way in."""
+        from .ssh.escape import EscapeSpecError, parse_escape
+
+        try:
+            self["ssh-escape-bytes"] = parse_escape(self["ssh-escape"])
+        except EscapeSpecError as e:
+            raise usage.UsageError(str(e))
+        given = [
+            f"--{name}"
+            for name in ("ssh-host-key", "ssh-authorized-keys", "ssh-user-ca", "ssh-revoked-keys")
+            if self[name]
+        ]
+        if not self["ssh-port"]:
+            if given:
+                raise usage.UsageError(f"{', '.join(given)} without --ssh-port: say where SSH listens")
+            return
+        if not self["ssh-host-key"]:
+            raise usage.UsageError("--ssh-port needs --ssh-host-key FILE (made there if missing)")
+        if not (self["ssh-authorized-keys"] or self["ssh-user-ca"]):
+            raise usage.UsageError(
+                "--ssh-port needs --ssh-authorized-keys FILE or --ssh-user-ca FILE: the SSH "
+                "door takes public keys and certificates only"
+            )
+        if self["ssh-revoked-keys"] and not self["ssh-user-ca"]:
+            raise usage.UsageError("--ssh-revoked-keys is for certificates: give --ssh-user-ca too")
 
     @staticmethod
     def _check_endpoint(option: str, description: str) -> None:

@@ -596,3 +596,120 @@ async def http_get(port: int, path: str, headers: dict[str, str] | None = None) 
     """A GET to 127.0.0.1:C{port}: the status and the body."""
     code, _, body = await http_request(port, path, headers)
     return code, body
+
+
+# -- the SSH door: real OpenSSH clients and keys from ssh-keygen -----------------------
+
+
+def ssh_keygen(directory: Path, name: str, kind: str = "ed25519", comment: str | None = None) -> Path:
+    """A new key pair made by C{ssh-keygen} (no passphrase); returns the private key's path."""
+    import subprocess
+
+    path = directory / name
+    args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment if comment is not None else name, "-f", str(path)]
+    if kind == "rsa":
+        args[4:4] = ["-b", "2048"]
+    subprocess.run(args, check=True, capture_output=True)
+    return path
+
+
+def ssh_sign(ca: Path, key: Path, identity: str, principals: str, *extra: str) -> Path:
+    """C{ssh-keygen -s CA -I IDENTITY -n PRINCIPALS [EXTRA] KEY.pub}: the certificate's path."""
+    import subprocess
+
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca), "-I", identity, "-n", principals, *extra, f"{key}.pub"],
+        check=True,
+        capture_output=True,
+    )
+    return Path(f"{key}-cert.pub")
+
+
+class SSHClient(protocol.ProcessProtocol):
+    """
+    A real C{ssh} process: what it prints (stdout; and stderr, or both through its
+    terminal when it runs under a pty), what it types (L{type}), how it ends (L{ended}).
+    """
+
+    def __init__(self) -> None:
+        self.stdout = b""
+        self.stderr = b""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.status: int | None = None
+        self._waiters: list[tuple[Callable[[SSHClient], bool], defer.Deferred[None]]] = []
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 2:
+            self.stderr += data
+        else:
+            self.stdout += data
+        for waiter in list(self._waiters):
+            if waiter[0](self):
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode
+        self.status = code if code is not None else -reason.value.signal
+        for _, d in self._waiters:
+            d.errback(AssertionError(f"ssh exited {self.status}: {self.stdout[-500:]!r} {self.stderr[-500:]!r}"))
+        self._waiters.clear()
+        self.ended.callback(self.status)
+
+    def wait_for(self, condition: Callable[[SSHClient], bool]) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if condition(self):
+            d.callback(None)
+        elif self.status is not None:
+            d.errback(AssertionError(f"ssh exited {self.status}: {self.stdout[-500:]!r} {self.stderr[-500:]!r}"))
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def wait_output(self, needle: bytes) -> defer.Deferred[None]:
+        return self.wait_for(lambda client: needle in client.stdout)
+
+    def type(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def signal(self, name: str) -> None:
+        self.transport.signalProcess(name)  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        return int(self.transport.pid)  # type: ignore[union-attr]
+
+
+def ssh_args(port: int, user: str, key: Path, *command: str, certificate: Path | None = None) -> list[str]:
+    """An C{ssh} command line for 127.0.0.1:C{port}, with no config, agent or known hosts."""
+    args = [
+        "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(key),
+        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",
+    ]
+    if certificate is not None:
+        args += ["-o", f"CertificateFile={certificate}"]
+    return [*args, f"{user}@127.0.0.1", *command]
+
+
+def spawn_ssh(test: TestCase, args: list[str], terminal: bool = False) -> SSHClient:
+    """
+    Run C{ssh ARGS}, under a real pty (C{terminal}: as an operator types, C{-tt}) or with
+    pipes; killed at the test's end if still running.
+    """
+    client = SSHClient()
+    if terminal:
+        args = [args[0], "-tt", *args[1:]]
+    home = Path(test.mktemp())
+    home.mkdir()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TERM": "xterm"}
+    reactor.spawnProcess(client, "/usr/bin/ssh", args, env=env, usePTY=terminal)  # type: ignore[attr-defined]
+
+    async def kill() -> None:
+        if client.status is None:
+            client.signal("KILL")
+            await client.ended
+
+    test.addCleanup(kill)
+    return client

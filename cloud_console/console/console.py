@@ -53,6 +53,19 @@ class ConsoleStatus:
     history_bytes: int
     head_bytes: int
 
+    def to_json(self) -> dict[str, Any]:
+        """The status as C{/api/consoles} and the SSH door's C{status} show it."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "state": "up" if self.up else "down",
+            "reason": self.reason,
+            "since": self.since,
+            "viewers": self.viewers,
+            "bytesOut": self.bytes_out,
+            "lastOutput": self.last_output,
+        }
+
 
 @dataclass(frozen=True)
 class ConsoleLimits:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 
@@ -144,6 +145,20 @@ CLOSE_CONSOLE_CLOSED = 4001
 CLOSE_GOING_AWAY = 1001
 
 
+@dataclass(frozen=True)
+class ClientLabel:
+    """
+    Who a client is, for the who-is-on-this-console lists: the door it came through
+    (C{"web"}, C{"ssh"}), its identity (C{"anonymous"} without a credential), its
+    address, and since when (epoch seconds). Opaque to the console: the doors fill it.
+    """
+
+    front: str
+    identity: str
+    address: str
+    since: float
+
+
 class Attachment:
     """
     One client's place in the stream: its cursor and why it is paused, if it is.
@@ -168,6 +183,8 @@ class Attachment:
         #: Whether this client's stream began in the boot's head: reaching the head's
         #: end it skips to the replayed tail, where another client would see a gap.
         self.in_head = False
+        #: Who it is, where the door said so.
+        self.label: ClientLabel | None = None
 
     @property
     def paused(self) -> bool:
@@ -422,6 +439,12 @@ class Multiplexer(Service):
         """How many viewers (WebSocket clients, not the log file) are attached."""
         return sum(1 for a in self._attachments if a.viewer)
 
+    def viewers(self) -> list[tuple[ClientLabel | None, bool]]:
+        """Every attached viewer's label and whether it is read-only, oldest first."""
+        return [
+            (a.label, a.read_only or self.read_only) for a in self._attachments if a.viewer
+        ]
+
     def attach(
         self,
         client: IConsoleClient,
@@ -429,6 +452,7 @@ class Multiplexer(Service):
         viewer: bool = True,
         start: bool = True,
         read_only: bool = False,
+        label: ClientLabel | None = None,
     ) -> Attachment:
         """
         Attach C{client} and send it the history from C{from_offset} (default: the
@@ -450,6 +474,7 @@ class Multiplexer(Service):
             raise ValueError(f"offset {from_offset} is outside the output [0, {history.end}]")
         attachment = Attachment(self, client, from_offset, viewer)
         attachment.read_only = read_only
+        attachment.label = label
         attachment.in_head = history.head_start <= from_offset < history.head_end
         self._attachments.append(attachment)
         self._log.info(

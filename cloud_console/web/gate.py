@@ -44,6 +44,15 @@ from ..access.policy import Access
 
 TOKEN_COOKIE = b"cloud-console-token"
 
+#: Where the gate leaves the request's L{Access}, for the WebSocket to label its viewer.
+_ACCESS_ATTRIBUTE = "cloud_console_access"
+
+
+def access_of(request: Any) -> Access | None:
+    """The credential the gate let this request in with (C{None} without credentials)."""
+    access: Access | None = getattr(request, _ACCESS_ATTRIBUTE, None)
+    return access
+
 
 @implementer(portal.IRealm)
 class ConsoleRealm:
@@ -210,6 +219,8 @@ class AuthGate(resource.Resource):
 
         def granted(result: tuple[Any, Any, Any]) -> Any:
             access = mind.access
+            if access is not None:
+                setattr(request, _ACCESS_ATTRIBUTE, access)
             if access is not None and access.link:
                 if console is not None and not access.may_see(console):
                     self._log.warn(

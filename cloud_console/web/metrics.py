@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 __all__ = [
     "ConsoleCollector",
     "ConsoleStatusLike",
+    "FrontCounts",
     "MetricsPage",
     "RefusalCounts",
     "metrics_registry",
@@ -94,6 +95,16 @@ class RefusalCounts:
         A copy, so a caller cannot change the counts or see them move under it.
         """
         return dict(self._counts)
+
+
+class FrontCounts(NamedTuple):
+    """
+    The front doors' figures now: sessions attached by door (C{"web"}, C{"ssh"}) and
+    authentication failures by door and reason. Read on scrape from the doors' own counts.
+    """
+
+    sessions: dict[str, int]
+    auth_failures: dict[tuple[str, str], int]
 
 
 class _PerConsole(NamedTuple):
@@ -186,15 +197,21 @@ class ConsoleCollector(Collector):
     """
 
     def __init__(
-        self, statuses: Callable[[], Iterable[ConsoleStatusLike]], refusals: RefusalCounts
+        self,
+        statuses: Callable[[], Iterable[ConsoleStatusLike]],
+        refusals: RefusalCounts,
+        fronts: Callable[[], FrontCounts] | None = None,
     ) -> None:
         """
         @param statuses: returns the statuses of the consoles to show now (already
             filtered for the credential, where there is one).
         @param refusals: the refused-upgrade counts of the process.
+        @param fronts: the front doors' sessions and authentication failures (the whole
+            process's; left out where a credential sees only its consoles).
         """
         self.statuses = statuses
         self.refusals = refusals
+        self.fronts = fronts
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families for the consoles and refusals as they are now."""
@@ -219,6 +236,25 @@ class ConsoleCollector(Collector):
         for reason, count in sorted(self.refusals.snapshot().items()):
             refused.add_metric([reason], count)
         yield refused
+        if self.fronts is None:
+            return
+        fronts = self.fronts()
+        sessions = GaugeMetricFamily(
+            PREFIX + "sessions",
+            "Viewers attached now, by front door (web: pages and WebSocket clients; ssh).",
+            labels=["front"],
+        )
+        for front, count in sorted(fronts.sessions.items()):
+            sessions.add_metric([front], count)
+        yield sessions
+        failures = CounterMetricFamily(
+            PREFIX + "auth_failures",
+            "Authentications refused, by front door and reason.",
+            labels=["front", "reason"],
+        )
+        for (front, reason), count in sorted(fronts.auth_failures.items()):
+            failures.add_metric([front, reason], count)
+        yield failures
 
 
 def metrics_registry(
@@ -226,6 +262,7 @@ def metrics_registry(
     refusals: RefusalCounts,
     *,
     process: bool = True,
+    fronts: Callable[[], FrontCounts] | None = None,
 ) -> CollectorRegistry:
     """
     A fresh registry holding our collector (not the global C{REGISTRY}).
@@ -241,7 +278,7 @@ def metrics_registry(
     collector out (for instance where a credential should see its consoles only).
     """
     registry = CollectorRegistry()
-    registry.register(ConsoleCollector(statuses, refusals))
+    registry.register(ConsoleCollector(statuses, refusals, fronts))
     if process:
         ProcessCollector(registry=registry)
     return registry

@@ -24,8 +24,8 @@ from ..access.policy import Access
 from ..console.console import Console, ConsoleStatus
 from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
-from .gate import AuthGate, build_gate
-from .metrics import MetricsPage, RefusalCounts, metrics_registry
+from .gate import AuthGate, access_of, build_gate
+from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Types set explicitly: the system's mime table (which L{static.File} reads) may lack
@@ -103,6 +103,26 @@ class StaticFiles(static.File):
                 )
                 return compressed
         return child
+
+
+class LabelledWebSocketResource(WebSocketResource):
+    """
+    The WebSocket upgrade, telling the connection who the gate let in and from where
+    (for the who-is-on-this-console lists and the logs). Autobahn builds the protocol
+    inside C{render}, synchronously, so the factory holds the label for that one call.
+    """
+
+    def render(self, request: Request) -> Any:
+        access = access_of(request)
+        address = request.getClientAddress()
+        self._factory.next_viewer = (
+            access.name if access is not None else "anonymous",
+            getattr(address, "host", str(address)),
+        )
+        try:
+            return WebSocketResource.render(self, request)
+        finally:
+            self._factory.next_viewer = None
 
 
 class HistoryDownload(resource.Resource):
@@ -204,7 +224,7 @@ def build_tree(
         Logger().warn("frontend not found in {where}; serving a notice at /", where=str(where))
         root = resource.Resource()
         root.putChild(b"", MissingFrontend(where))
-    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"ws", LabelledWebSocketResource(factory))
     root.putChild(b"history", HistoryDownload(multiplexer))
     return root
 
@@ -268,17 +288,7 @@ def _json(request: Request, body: Any, code: int = 200) -> bytes:
 
 
 def _console_json(status: ConsoleStatus) -> dict[str, Any]:
-    return {
-        "name": status.name,
-        "title": status.title,
-        "state": "up" if status.up else "down",
-        "reason": status.reason,
-        "since": status.since,
-        "viewers": status.viewers,
-        "bytesOut": status.bytes_out,
-        "lastOutput": status.last_output,
-        "url": f"c/{status.name}/",
-    }
+    return {**status.to_json(), "url": f"c/{status.name}/"}
 
 
 def _totals(statuses: list[ConsoleStatus]) -> dict[str, int]:
@@ -399,6 +409,8 @@ class FleetResources:
         self.settings = settings
         self.where = Path(static_dir) if static_dir is not None else packaged_assets()
         self.refusals = settings.refusals or RefusalCounts()
+        #: The front doors' sessions and failures, for the full C{/metrics} (set by the wiring).
+        self.fronts: Callable[[], FrontCounts] | None = None
 
     def console_tree(self, console: Console, read_only: bool) -> resource.IResource:
         """Console C{console}'s page, C{ws} and C{history} (made once per console and mode)."""
@@ -434,7 +446,7 @@ class FleetResources:
     def metrics_root(self) -> resource.IResource:
         """C{--metrics-port}: C{/metrics} and C{/healthz} in full, for a management address."""
         root = resource.Resource()
-        registry = metrics_registry(self.registry.statuses, self.refusals)
+        registry = metrics_registry(self.registry.statuses, self.refusals, fronts=self.fronts)
         root.putChild(b"metrics", MetricsPage(lambda request: registry))
         root.putChild(b"healthz", Health(self.registry))
         return root

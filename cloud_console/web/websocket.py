@@ -13,6 +13,7 @@ C{ack_window} bytes are sent but not yet rendered by the page).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +24,13 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..console.multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
+from ..console.multiplexer import (
+    Attachment,
+    Chunk,
+    ClientLabel,
+    IConsoleClient,
+    Multiplexer,
+)
 from .dialects import SUBPROTOCOL_V1, OriginalDialect, V1Dialect, frame_raw, frame_v1
 from .metrics import RefusalCounts
 from .origin import OriginPolicy
@@ -99,6 +106,8 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     _closed: Deferred[None] | None = None
     _gone = False
     peer_name = "?"
+    #: Who the gate let in (identity, address), as the resource told the factory.
+    viewer: tuple[str, str] | None = None
 
     @property
     def v1(self) -> bool:
@@ -189,8 +198,10 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             return
         resume_from = self.dialect.start(multiplexer)
         # Register first, then send: the transport may pause us while the history goes out.
+        identity, address = self.viewer or ("anonymous", self.peer_name)
+        label = ClientLabel("web", identity, address, time.time())
         self.attachment = multiplexer.attach(
-            self, resume_from, start=False, read_only=self.factory.read_only
+            self, resume_from, start=False, read_only=self.factory.read_only, label=label
         )
         multiplexer.start(self.attachment)
 
@@ -311,6 +322,15 @@ class ConsoleServerFactory(WebSocketServerFactory):
             # Output is framed once and shared; per-client compression would undo that.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    #: The identity and address of the upgrade being handled (see L{buildProtocol}).
+    next_viewer: tuple[str, str] | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        if isinstance(protocol, ConsoleServerProtocol):
+            protocol.viewer = self.next_viewer
+        return protocol
 
     def title(self) -> str:
         """The console's title now (a reload may change it in place)."""

@@ -1,0 +1,340 @@
+"""
+The SSH door with a real OpenSSH client and real keys from C{ssh-keygen}: attaching to a
+console shared with WebSocket viewers, the C{history} and C{status} commands, the escape
+sequence, access by C{authorized_keys} options and by user certificates, limits, and the
+host key.
+
+Servers are real C{cloud-console} processes on real ptys; waits are on events (bytes on
+the guest's side or the client's, lines in the server's log, the client's exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import (
+    Guest,
+    Server,
+    SSHClient,
+    connect_v1,
+    free_port,
+    serve_process,
+    spawn_server,
+    spawn_ssh,
+    ssh_args,
+    ssh_keygen,
+    ssh_sign,
+)
+
+
+class SSHTestCase(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+        self.host_key = self.dir / "host_key"
+        self.authorized = self.dir / "authorized_keys"
+        self.alice = ssh_keygen(self.dir, "alice", comment="alice@laptop")
+
+    def guest(self) -> Guest:
+        guest = Guest()
+        self.addCleanup(guest.close)
+        guest.start_reading()
+        return guest
+
+    def authorize(self, *lines: str) -> None:
+        self.authorized.write_text("".join(line + "\n" for line in lines))
+
+    def key_line(self, key: Path, options: str = "") -> str:
+        public = Path(f"{key}.pub").read_text().strip()
+        return f"{options} {public}".strip()
+
+    async def serve(self, *args: str, authorized: bool = True) -> Server:
+        self.port = free_port()
+        self.ssh_port = free_port()
+        more = ["--ssh-authorized-keys", str(self.authorized)] if authorized else []
+        server = await serve_process(
+            self,
+            [
+                *args,
+                "--port", f"tcp:port={self.port}:interface=127.0.0.1",
+                "--ssh-port", f"tcp:port={self.ssh_port}:interface=127.0.0.1",
+                "--ssh-host-key", str(self.host_key),
+                *more,
+            ],
+        )
+        await server.log_line(lambda err: b"ConsoleSSHFactory starting on" in err and err.count(b"starting on") >= 2)
+        return server
+
+    def ssh(self, user: str, *command: str, key: Path | None = None, terminal: bool = False,
+            certificate: Path | None = None) -> SSHClient:
+        args = ssh_args(self.ssh_port, user, key or self.alice, *command, certificate=certificate)
+        return spawn_ssh(self, args, terminal=terminal)
+
+
+class AttachTests(SSHTestCase):
+    """An SSH session is one more viewer of the shared console."""
+
+    async def test_history_then_typing_shared_with_a_page(self) -> None:
+        """
+        The SSH user gets the history, then new output; what they type reaches the
+        guest; a WebSocket viewer sees the guest's echo of it, and the SSH user sees
+        the echo of what the page typed.
+        """
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        await guest.write(b"boot line one\r\nlogin: ")
+        await server.log_line(lambda err: True)
+        client = self.ssh("vm1", terminal=True)
+        await client.wait_output(b"boot line one\r\nlogin: ")
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        client.type(b"root\r")
+        await guest.receives(lambda data: data.endswith(b"root\r"))
+        await guest.write(b"root\r\n# ")
+        await page.wait_text("root\r\n# ")
+        await client.wait_output(b"root\r\n# ")
+        page.type(b"uname\r")
+        await guest.receives(lambda data: data.endswith(b"uname\r"))
+        await guest.write(b"uname\r\nLinux\r\n# ")
+        await client.wait_output(b"uname\r\nLinux\r\n# ")
+
+    async def test_escapes(self) -> None:
+        """
+        ^Ec? lists the escapes; ^Ecw lists who is on the console (both doors, with
+        identities); ^Ec^Ec sends the prefix to the guest; ^Ecs writes stty with the
+        client's window size; ^Ec. disconnects with status 0.
+        """
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        client = self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        await page.wait_for(lambda p: p.events_of("clients") and p.events_of("clients")[-1]["count"] == 2)
+        client.type(b"\x05c?")
+        await client.wait_output(b"w  who is on this console")
+        client.type(b"\x05cw")
+        await client.wait_output(b"[-- on this console --]")
+        await client.wait_for(lambda c: b"anonymous" in c.stdout.split(b"on this console")[-1])
+        who = client.stdout.split(b"[-- on this console --]")[-1]
+        self.assertIn(b"ssh  alice@laptop  127.0.0.1  read-write", who)
+        self.assertIn(b"web  anonymous  127.0.0.1  read-write", who)
+        client.type(b"x\x05c\x05cy")
+        await guest.receives(lambda data: data.endswith(b"x\x05cy"))
+        client.type(b"\x05cs")
+        await guest.receives(lambda data: data.endswith(b"stty rows 24 cols 80\r") or b"stty rows" in data)
+        self.assertRegex(bytes(guest.input), rb"stty rows \d+ cols \d+\r$")
+        client.type(b"\x05c.")
+        self.assertEqual(await client.ended, 0)
+
+
+class CommandTests(SSHTestCase):
+    """C{history} and C{status} as the SSH command; an unknown one."""
+
+    async def test_history_is_byte_exact(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        written = bytes(range(256)) * 40 + b"\x00\xff\xfe invalid \xc3\x28 utf-8\r\n"
+        await self.serve("--console", f"vm1={guest.path}")
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        await guest.write(written)
+        await page.wait_for(lambda p: bytes(p.stream) == written)
+        client = self.ssh("vm1", "history")
+        self.assertEqual(await client.ended, 0)
+        self.assertEqual(client.stdout, written)
+
+    async def test_status_is_json(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        await self.serve("--console", f"vm1={guest.path}")
+        client = self.ssh("vm1", "status")
+        self.assertEqual(await client.ended, 0)
+        status = json.loads(client.stdout)
+        self.assertEqual((status["name"], status["state"]), ("vm1", "up"))
+
+    async def test_unknown_command(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        await self.serve("--console", f"vm1={guest.path}")
+        client = self.ssh("vm1", "reboot")
+        self.assertEqual(await client.ended, 2)
+        self.assertEqual(client.stdout, b"")
+        self.assertEqual(client.stderr.count(b"\n"), 1)
+        self.assertIn(b"unknown command 'reboot'", client.stderr)
+
+
+class AccessTests(SSHTestCase):
+    """Which consoles a key opens, read-only keys, from=, and lines that are refused."""
+
+    async def test_key_limited_to_patterns(self) -> None:
+        """
+        A key for web-* opens web-1; for db1 it gets one line naming only what it may
+        open, and the same line for a console that does not exist (so it cannot learn
+        which exist), then status 1.
+        """
+        web, db = self.guest(), self.guest()
+        self.authorize(self.key_line(self.alice, 'consoles="web-*"'))
+        await self.serve("--console", f"web-1={web.path}", "--console", f"db1={db.path}")
+        refused = self.ssh("db1", "status")
+        missing = self.ssh("nosuch", "status")
+        self.assertEqual(await refused.ended, 1)
+        self.assertEqual(await missing.ended, 1)
+        self.assertEqual(refused.stderr, b"no console 'db1' for this key; it may open: web-1\n")
+        self.assertEqual(missing.stderr, b"no console 'nosuch' for this key; it may open: web-1\n")
+        self.assertEqual(refused.stdout, b"")
+        allowed = self.ssh("web-1", "status")
+        self.assertEqual(await allowed.ended, 0)
+        self.assertEqual(json.loads(allowed.stdout)["name"], "web-1")
+
+    async def test_read_only_key(self) -> None:
+        """A read-only key's typing never reaches the guest; it is told once."""
+        guest = self.guest()
+        bob = ssh_keygen(self.dir, "bob", kind="rsa")
+        self.authorize(self.key_line(self.alice), self.key_line(bob, "read-only,no-pty"))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        viewer = self.ssh("vm1", key=bob, terminal=True)
+        await server.log_line(lambda err: b", read-only" in err)
+        viewer.type(b"rm -rf /\r")
+        await viewer.wait_output(b"[-- input not sent: read-only --]")
+        viewer.type(b"again\r")
+        # The writer's input goes through, after the read-only user's: the guest got
+        # nothing of the latter.
+        writer = self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: err.count(b"SSH session on console vm1") == 2)
+        writer.type(b"ls\r")
+        await guest.receives(lambda data: b"ls\r" in data)
+        await guest.write(b"ls\r\nfile\r\n")
+        await viewer.wait_output(b"ls\r\nfile\r\n")
+        self.assertEqual(bytes(guest.input), b"ls\r")
+        self.assertEqual(viewer.stdout.count(b"input not sent"), 1)
+
+    async def test_from_and_refused_lines(self) -> None:
+        """
+        from= is matched against the client's address; a line with an option we do not
+        know (command=) is refused with its file:line in the log, never used.
+        """
+        guest = self.guest()
+        carol = ssh_keygen(self.dir, "carol")
+        dave = ssh_keygen(self.dir, "dave")
+        self.authorize(
+            self.key_line(self.alice, 'from="10.0.0.0/8,!127.0.0.1"'),
+            self.key_line(carol, 'command="/bin/sh"'),
+            self.key_line(dave, 'restrict,from="127.0.0.0/8"'),
+        )
+        server = await self.serve("--console", f"vm1={guest.path}")
+        await server.log_line(lambda err: f"{self.authorized}:2".encode() in err)
+        for key, status in ((self.alice, 255), (carol, 255), (dave, 0)):
+            client = self.ssh("vm1", "status", key=key)
+            self.assertEqual(await client.ended, status, key.name)
+            if status:
+                self.assertIn(b"Permission denied (publickey)", client.stderr)
+        self.assertIn(b"SSH login refused for 'vm1' from 127.0.0.1: from", server.stderr)
+
+    async def test_sighup_reloads_keys(self) -> None:
+        """A key added to the file opens consoles after SIGHUP, not before."""
+        guest = self.guest()
+        carol = ssh_keygen(self.dir, "carol")
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        before = self.ssh("vm1", "status", key=carol)
+        self.assertEqual(await before.ended, 255)
+        self.authorize(self.key_line(self.alice), self.key_line(carol))
+        server.signal("HUP")
+        await server.log_line(lambda err: b"SSH keys reloaded" in err)
+        after = self.ssh("vm1", "status", key=carol)
+        self.assertEqual(await after.ended, 0)
+
+
+class CertificateTests(SSHTestCase):
+    """User certificates signed by a trusted CA: principals, validity, the wrong CA."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ca = ssh_keygen(self.dir, "ca")
+        self.other_ca = ssh_keygen(self.dir, "other-ca")
+        self.ca_file = self.dir / "user_ca"
+        self.ca_file.write_text(Path(f"{self.ca}.pub").read_text())
+
+    async def serve_with_ca(self, *guests: tuple[str, Guest]) -> Server:
+        args = []
+        for name, guest in guests:
+            args += ["--console", f"{name}={guest.path}"]
+        return await self.serve(*args, "--ssh-user-ca", str(self.ca_file), authorized=False)
+
+    def certified(self, name: str, principals: str, *extra: str, ca: Path | None = None) -> tuple[Path, Path]:
+        key = ssh_keygen(self.dir, name)
+        return key, ssh_sign(ca or self.ca, key, f"{name}-id", principals, *extra)
+
+    async def test_certificates(self) -> None:
+        web, db = self.guest(), self.guest()
+        server = await self.serve_with_ca(("web-1", web), ("db1", db))
+        valid = self.certified("valid", "web-*", "-V", "-5m:+1h")
+        expired = self.certified("expired", "web-*", "-V", "20200101:20200102")
+        future = self.certified("future", "web-*", "-V", "+1d:+2d")
+        wrong_ca = self.certified("wrong", "web-*", ca=self.other_ca)
+        cases = [(valid, "web-1", 0), (valid, "db1", 1), (expired, "web-1", 255),
+                 (future, "web-1", 255), (wrong_ca, "web-1", 255)]
+        for (key, cert), console, status in cases:
+            client = self.ssh(console, "status", key=key, certificate=cert)
+            self.assertEqual(await client.ended, status, f"{key.name} on {console}: {client.stderr!r}")
+        for reason in (b"expired", b"not yet valid", b"unknown CA"):
+            self.assertIn(reason, server.stderr)
+        self.assertIn(b"SSH login refused", server.stderr)
+
+    async def test_read_only_principal(self) -> None:
+        guest = self.guest()
+        server = await self.serve_with_ca(("web-1", guest))
+        key, cert = self.certified("viewer", "read-only:web-*")
+        client = self.ssh("web-1", key=key, certificate=cert, terminal=True)
+        await server.log_line(lambda err: b"viewer-id" in err and b", read-only" in err)
+        client.type(b"reboot\r")
+        await client.wait_output(b"input not sent: read-only")
+        self.assertEqual(bytes(guest.input), b"")
+
+
+class HostKeyTests(SSHTestCase):
+    """The host key: made on first start with its fingerprint logged; refused if open."""
+
+    async def test_generated_key_fingerprint_is_logged(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        mode = stat.S_IMODE(os.stat(self.host_key).st_mode)
+        self.assertEqual(mode, 0o600)
+        printed = subprocess.run(
+            ["ssh-keygen", "-lf", str(self.host_key)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        self.assertIn(f"SSH host key {self.host_key} created: {printed}".encode(), server.stderr)
+        # What ssh saw is that key.
+        known = self.dir / "known_hosts"
+        args = ssh_args(self.ssh_port, "vm1", self.alice, "status")
+        args[args.index("UserKnownHostsFile=/dev/null")] = f"UserKnownHostsFile={known}"
+        client = spawn_ssh(self, args)
+        self.assertEqual(await client.ended, 0)
+        seen = subprocess.run(["ssh-keygen", "-lf", str(known)], check=True, capture_output=True, text=True)
+        self.assertEqual(seen.stdout.split()[1], printed.split()[1])
+
+    async def test_readable_key_refused(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        ssh_keygen(self.dir, "host_key")
+        os.chmod(self.host_key, 0o644)
+        server = spawn_server([
+            "--console", f"vm1={guest.path}", "--port", f"tcp:port={free_port()}:interface=127.0.0.1",
+            "--ssh-port", f"tcp:port={free_port()}:interface=127.0.0.1",
+            "--ssh-host-key", str(self.host_key), "--ssh-authorized-keys", str(self.authorized),
+        ])
+        server.listening.addErrback(lambda failure: None)  # it never listens
+        self.assertEqual(await server.ended, 2)
+        self.assertIn(f"chmod 600 {self.host_key}".encode(), server.stderr)
