@@ -673,7 +673,10 @@ class SSHClient(protocol.ProcessProtocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def signal(self, name: str) -> None:
-        self.transport.signalProcess(name)  # type: ignore[union-attr]
+        """Send C{SIGNAME} (any signal: Twisted's signalProcess knows only a few names)."""
+        import signal
+
+        os.kill(self.pid, getattr(signal, f"SIG{name}"))
 
     @property
     def pid(self) -> int:

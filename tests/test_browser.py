@@ -540,6 +540,49 @@ class BrowserTests(BrowserHarness):
         self.guest.wait_for_input(f"stty rows {rows} cols {cols}\rok".encode())
         self.assertEqual(watched.errors, [])
 
+    def test_ssh_user_beside_the_page(self) -> None:
+        """
+        An operator's ssh (a real OpenSSH client under a real terminal) and a page on one
+        console: each sees the guest's echo of what the other typed.
+        """
+        from .guest import read_until
+        from .helpers import ssh_args, ssh_keygen
+
+        key = ssh_keygen(self.tmp, "operator")
+        authorized = self.tmp / "authorized_keys"
+        authorized.write_text(Path(f"{key}.pub").read_text())
+        ssh_port = free_port()
+        server = self.start_server(
+            "--ssh-port", f"tcp:port={ssh_port}:interface=127.0.0.1",
+            "--ssh-host-key", str(self.tmp / "host_key"), "--ssh-authorized-keys", str(authorized),
+        )
+        watched = self.open_page(self.url(server))
+        terminal, ssh_side = os.openpty()
+        home = self.tmp / "home"
+        home.mkdir()
+        ssh = subprocess.Popen(
+            ["ssh", "-tt", *ssh_args(ssh_port, "anyone", key)[1:]],
+            stdin=ssh_side, stdout=ssh_side, stderr=ssh_side, close_fds=True,
+            env={"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "xterm"},
+        )
+        os.close(ssh_side)
+        self.addCleanup(os.close, terminal)
+        self.addCleanup(lambda: ssh.poll() is None and ssh.kill())
+        self.guest.print("login: ")
+        seen = read_until(terminal, b"login: ", 15)
+
+        os.write(terminal, b"from ssh\r")
+        self.guest.wait_for_input(b"from ssh\r")
+        self.guest.print("from ssh")
+        watched.wait_for_text("from ssh")
+
+        watched.page.keyboard.type("from the page")
+        watched.page.keyboard.press("Enter")
+        self.guest.wait_for_input(b"from the page\r")
+        self.guest.print("from the page")
+        read_until(terminal, b"from the page", 15, seen)
+        self.assertEqual(watched.errors, [])
+
     def test_clipboard(self) -> None:
         """
         Selecting text copies it; Ctrl+Shift+V and Shift+Insert paste the clipboard

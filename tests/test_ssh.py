@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -22,6 +24,7 @@ from tests.helpers import (
     Guest,
     Server,
     SSHClient,
+    V1Client,
     connect_v1,
     free_port,
     serve_process,
@@ -338,3 +341,116 @@ class HostKeyTests(SSHTestCase):
         server.listening.addErrback(lambda failure: None)  # it never listens
         self.assertEqual(await server.ended, 2)
         self.assertIn(f"chmod 600 {self.host_key}".encode(), server.stderr)
+
+
+#: The line that tells a session how many bytes it lost (see ConsoleChannel.gap).
+LOSS_LINE = re.compile(rb"\r\n\[-- ([0-9,]+) bytes lost: this session fell behind the history --\]\r\n")
+
+
+def check_stream_with_losses(written: bytes, received: bytes) -> int:
+    """
+    C{received} is C{written} in order, whole except for ranges announced by loss lines,
+    each exactly as long as it says. Returns the bytes lost.
+    """
+    position = lost_total = 0
+    last = 0
+    for match in LOSS_LINE.finditer(received):
+        segment = received[last:match.start()]
+        assert written[position:position + len(segment)] == segment, f"bytes differ near {position}"
+        lost = int(match.group(1).replace(b",", b""))
+        position += len(segment) + lost
+        lost_total += lost
+        last = match.end()
+    segment = received[last:]
+    assert written[position:] == segment, f"the end differs near {position}"
+    return lost_total
+
+
+class FlowControlTests(SSHTestCase):
+    """A suspended ssh holds up neither the guest nor the other viewers, nor memory."""
+
+    timeout = 180
+
+    async def flood(self, guest: Guest, page: V1Client, data: bytes) -> float:
+        """Write C{data} as the guest; seconds until the page has all of it."""
+        target = len(page.stream) + len(data)
+        started = time.monotonic()
+        await guest.write(data)
+        await page.wait_for(lambda p: len(p.stream) >= target)
+        return time.monotonic() - started
+
+    async def test_suspended_ssh_client(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}", "--history-size", "65536", "--head-size", "0")
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        size = 50 * 1024 * 1024
+        alone = await self.flood(guest, page, os.urandom(size))
+        client = self.ssh("vm1")
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        await guest.write(b"ssh attached\r\n")
+        await client.wait_output(b"ssh attached\r\n")
+        start = len(client.stdout) - len(b"ssh attached\r\n")
+        before_kib = server.rss_kib()
+        client.signal("STOP")
+        written = b"ssh attached\r\n" + b"".join(b"%09d\n" % i for i in range(size // 10))
+        beside = await self.flood(guest, page, written[len(b"ssh attached\r\n"):])
+        grown_kib = server.rss_kib() - before_kib
+        self.assertLess(grown_kib, 10 * 1024, "the server's memory grew by that much")
+        self.assertGreaterEqual(alone / beside, 0.9, f"the page's pace: alone {alone:.2f} s, beside {beside:.2f} s")
+        client.signal("CONT")
+        await client.wait_for(lambda c: c.stdout.endswith(written[-100:]))
+        lost = check_stream_with_losses(written, client.stdout[start:])
+        self.assertGreater(lost, 0)  # 50 MB does not fit in a stopped client's buffers
+        self.assertIn(b"lost", server.stderr)
+
+
+class QemuOverSSHTests(SSHTestCase):
+    """A real QEMU guest through the SSH door, across a guest reboot and a QEMU restart."""
+
+    timeout = 180
+
+    async def test_guest_reboot_and_qemu_restart(self) -> None:
+        """
+        One ssh session (under a real terminal) on a qmp: console: the boot, a command
+        typed over SSH, ``reboot -f`` in the same stream, a QEMU restart told as console
+        down then up, and the next boot's shell answering; the session never ends.
+        """
+        from twisted.trial.unittest import SkipTest
+
+        from tests.guest import PROMPT, GuestUnavailable, QemuGuest
+
+        try:
+            guest = QemuGuest("chardev-pty").start()
+        except (GuestUnavailable, FileNotFoundError) as e:
+            raise SkipTest(f"no QEMU guest here: {e} (tests/run.sh installs it)")
+        self.addCleanup(guest.close)
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1=qmp:{guest.qmp_path}")
+        client = self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        guest.cont()
+
+        async def shell(boot: int) -> None:
+            await client.wait_for(lambda c: c.stdout.count(b"Linux version") >= boot)
+            await client.wait_for(lambda c: PROMPT in c.stdout.rsplit(b"Linux version", 1)[1])
+
+        async def command(text: bytes, answer: bytes) -> None:
+            before = client.stdout.count(answer)
+            client.type(text + b"\r")
+            await client.wait_for(lambda c: c.stdout.count(answer) > before)
+
+        await shell(1)
+        await command(b"echo $((6*7))", b"\r\n42\r\n")
+        client.type(b"reboot -f\r")
+        await shell(2)
+        self.assertNotIn(b"console down", client.stdout)  # the same pty all along
+        guest.restart()
+        await client.wait_for(lambda c: b"[-- console down:" in c.stdout)
+        await client.wait_for(lambda c: b"[-- console up:" in c.stdout.rsplit(b"console down", 1)[1])
+        guest.cont()
+        await shell(3)
+        await command(b"echo back $((1+1))", b"back 2\r\n")
+        self.assertIsNone(client.status)
+        self.assertNotIn(b"bytes lost", client.stdout)
