@@ -146,11 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(options: usage.Options) -> int:
     """Build the service with the global reactor, log to stderr, run it."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from .service import EXIT_CONSOLE_FAILED, StartupError, build_service
+    from .ssh import CONCH_NAMESPACES
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    for namespace in CONCH_NAMESPACES:
+        levels.setLogLevelForNamespace(namespace, LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         console = build_service(options, reactor)
     except StartupError as e:

@@ -175,7 +175,8 @@ class Options(usage.Options):
             "ssh-revoked-keys",
             None,
             None,
-            "Keys and certificates refused at the SSH door (public keys, serial: N, id: KEY_ID lines).",
+            "Keys and certificates refused at the SSH door, whatever else says (public keys, "
+            "serial: N, id: KEY_ID lines); reloaded on SIGHUP.",
         ],
         ["ssh-escape", None, "^Ec", "The SSH door's escape prefix (a control character and a letter)."],
     ]
@@ -348,8 +349,6 @@ class Options(usage.Options):
                 "--ssh-port needs --ssh-authorized-keys FILE or --ssh-user-ca FILE: the SSH "
                 "door takes public keys and certificates only"
             )
-        if self["ssh-revoked-keys"] and not self["ssh-user-ca"]:
-            raise usage.UsageError("--ssh-revoked-keys is for certificates: give --ssh-user-ca too")
 
     @staticmethod
     def _check_endpoint(option: str, description: str) -> None:

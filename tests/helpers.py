@@ -601,28 +601,38 @@ async def http_get(port: int, path: str, headers: dict[str, str] | None = None) 
 # -- the SSH door: real OpenSSH clients and keys from ssh-keygen -----------------------
 
 
-def ssh_keygen(directory: Path, name: str, kind: str = "ed25519", comment: str | None = None) -> Path:
-    """A new key pair made by C{ssh-keygen} (no passphrase); returns the private key's path."""
+def ssh_keygen_run(*args: str) -> str:
+    """Run C{ssh-keygen ARGS} quietly; its standard output."""
     import subprocess
 
+    return subprocess.run(["ssh-keygen", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ssh_keygen(directory: Path, name: str, kind: str = "ed25519", comment: str | None = None) -> Path:
+    """A new key pair made by C{ssh-keygen} (no passphrase); returns the private key's path."""
+    size = ["-b", "2048"] if kind == "rsa" else []
     path = directory / name
-    args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment if comment is not None else name, "-f", str(path)]
-    if kind == "rsa":
-        args[4:4] = ["-b", "2048"]
-    subprocess.run(args, check=True, capture_output=True)
+    ssh_keygen_run("-q", "-t", kind, *size, "-N", "", "-C", name if comment is None else comment, "-f", str(path))
     return path
 
 
 def ssh_sign(ca: Path, key: Path, identity: str, principals: str, *extra: str) -> Path:
     """C{ssh-keygen -s CA -I IDENTITY -n PRINCIPALS [EXTRA] KEY.pub}: the certificate's path."""
-    import subprocess
-
-    subprocess.run(
-        ["ssh-keygen", "-q", "-s", str(ca), "-I", identity, "-n", principals, *extra, f"{key}.pub"],
-        check=True,
-        capture_output=True,
-    )
+    ssh_keygen_run("-q", "-s", str(ca), "-I", identity, "-n", principals, *extra, f"{key}.pub")
     return Path(f"{key}-cert.pub")
+
+
+def capture_log(test: TestCase) -> list[dict[str, Any]]:
+    """Every twisted.logger event from now until the end of C{test}."""
+    from typing import cast
+
+    from twisted.logger import ILogObserver, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
 
 
 class SSHClient(protocol.ProcessProtocol):

@@ -15,7 +15,6 @@ import os
 import re
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -242,7 +241,7 @@ class AccessTests(SSHTestCase):
             self.assertEqual(await client.ended, status, key.name)
             if status:
                 self.assertIn(b"Permission denied (publickey)", client.stderr)
-        self.assertIn(b"SSH login refused for 'vm1' from 127.0.0.1: from", server.stderr)
+        self.assertRegex(server.stderr, rb"SSH login refused for 'vm1' from 127.0.0.1 \(SHA256:[^)]+\): from\n")
 
     async def test_sighup_reloads_keys(self) -> None:
         """A key added to the file opens consoles after SIGHUP, not before."""
@@ -294,6 +293,32 @@ class CertificateTests(SSHTestCase):
         for reason in (b"expired", b"not yet valid", b"unknown CA"):
             self.assertIn(reason, server.stderr)
         self.assertIn(b"SSH login refused", server.stderr)
+
+    async def test_revoked(self) -> None:
+        """
+        --ssh-revoked-keys refuses a revoked plain key (as sshd's RevokedKeys does) and a
+        certificate by its serial, while others still open the console.
+        """
+        guest = self.guest()
+        carol = ssh_keygen(self.dir, "carol")
+        self.authorize(self.key_line(self.alice), self.key_line(carol))
+        good = self.certified("good", "web-*", "-z", "7")
+        bad = self.certified("bad", "web-*", "-z", "42")
+        revoked = self.dir / "revoked"
+        revoked.write_text(Path(f"{carol}.pub").read_text() + "serial: 42\n")
+        server = await self.serve(
+            "--console", f"web-1={guest.path}", "--ssh-user-ca", str(self.ca_file),
+            "--ssh-revoked-keys", str(revoked),
+        )
+        cases = [(self.alice, None, 0), (carol, None, 255), (good[0], good[1], 0), (bad[0], bad[1], 255)]
+        for key, cert, status in cases:
+            client = self.ssh("web-1", "status", key=key, certificate=cert)
+            self.assertEqual(await client.ended, status, key.name)
+        carol_print = subprocess.run(
+            ["ssh-keygen", "-lf", f"{carol}.pub"], check=True, capture_output=True, text=True
+        ).stdout.split()[1]
+        self.assertIn(f"({carol_print}): revoked".encode(), server.stderr)
+        self.assertRegex(server.stderr, rb"\(certificate SHA256:[^)]+\): revoked")
 
     async def test_read_only_principal(self) -> None:
         guest = self.guest()
@@ -371,22 +396,32 @@ class FlowControlTests(SSHTestCase):
 
     timeout = 180
 
-    async def flood(self, guest: Guest, page: V1Client, data: bytes) -> float:
-        """Write C{data} as the guest; seconds until the page has all of it."""
-        target = len(page.stream) + len(data)
-        started = time.monotonic()
+    async def flood(self, guest: Guest, page: V1Client, data: bytes) -> None:
+        """
+        Write C{data} as the guest and wait until the page has all of it, exactly (what
+        it held before is dropped first: a growing buffer would slow the later floods).
+        """
+        del page.stream[:]
         await guest.write(data)
-        await page.wait_for(lambda p: len(p.stream) >= target)
-        return time.monotonic() - started
+        await page.wait_for(lambda p: len(p.stream) >= len(data))
+        self.assertEqual(bytes(page.stream), data)
 
     async def test_suspended_ssh_client(self) -> None:
+        """
+        An ssh stopped with SIGSTOP while the guest writes 3 x 50 MB: the console waits
+        for the stopped session once, at most --max-stall, then no longer (so the page's
+        pace is its own: measured in bench/run.py, not here, where other tests share the
+        cores); the page gets every byte; the server grows by less than 10 MB; after
+        SIGCONT the session gets the stream exactly, but for ranges it is told it lost,
+        each of the length it is told.
+        """
         guest = self.guest()
         self.authorize(self.key_line(self.alice))
         server = await self.serve("--console", f"vm1={guest.path}", "--history-size", "65536", "--head-size", "0")
         page = await connect_v1(self.port, "/c/vm1/ws")
         self.addCleanup(page.transport.abortConnection)
         size = 50 * 1024 * 1024
-        alone = await self.flood(guest, page, os.urandom(size))
+        floods = [b"".join(b"%09d\n" % (i + n * size) for i in range(size // 10)) for n in range(3)]
         client = self.ssh("vm1")
         await server.log_line(lambda err: b"SSH session on console vm1" in err)
         await guest.write(b"ssh attached\r\n")
@@ -394,16 +429,16 @@ class FlowControlTests(SSHTestCase):
         start = len(client.stdout) - len(b"ssh attached\r\n")
         before_kib = server.rss_kib()
         client.signal("STOP")
-        written = b"ssh attached\r\n" + b"".join(b"%09d\n" % i for i in range(size // 10))
-        beside = await self.flood(guest, page, written[len(b"ssh attached\r\n"):])
+        for data in floods:
+            await self.flood(guest, page, data)
         grown_kib = server.rss_kib() - before_kib
         self.assertLess(grown_kib, 10 * 1024, "the server's memory grew by that much")
-        self.assertGreaterEqual(alone / beside, 0.9, f"the page's pace: alone {alone:.2f} s, beside {beside:.2f} s")
+        self.assertEqual(server.count(b"the console no longer waits for it"), 1)
         client.signal("CONT")
+        written = b"ssh attached\r\n" + b"".join(floods)
         await client.wait_for(lambda c: c.stdout.endswith(written[-100:]))
         lost = check_stream_with_losses(written, client.stdout[start:])
-        self.assertGreater(lost, 0)  # 50 MB does not fit in a stopped client's buffers
-        self.assertIn(b"lost", server.stderr)
+        self.assertGreater(lost, 0)  # 150 MB do not fit in a stopped client's buffers
 
 
 class QemuOverSSHTests(SSHTestCase):

@@ -12,7 +12,6 @@ import base64
 import calendar
 import datetime
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -20,8 +19,10 @@ from typing import Any, cast
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import common, keys
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
+
+from .helpers import capture_log, ssh_keygen, ssh_keygen_run
 
 from cloud_console.access.policy import Access, CredentialFileError
 from cloud_console.access.sshkeys import (
@@ -49,19 +50,9 @@ WINDOW = "20300101000000Z:20300102000000Z"
 # -- helpers (candidates for tests/helpers.py) ---------------------------------------------
 
 
-def keygen(*args: str) -> str:
-    """Run C{ssh-keygen} quietly; its standard output."""
-    assert KEYGEN is not None
-    done = subprocess.run([KEYGEN, *args], check=True, capture_output=True, text=True)
-    return done.stdout
-
-
 def make_key(directory: Path, name: str, kind: str = "ed25519", comment: str | None = None) -> Path:
-    """A new key pair C{directory/name} (no passphrase); the public key's path."""
-    size = ["-b", "2048"] if kind == "rsa" else []
-    keygen("-q", "-t", kind, *size, "-N", "", "-C", name if comment is None else comment,
-           "-f", str(directory / name))
-    return directory / f"{name}.pub"
+    """A new key pair C{directory/name}; the public key's path."""
+    return Path(f"{ssh_keygen(directory, name, kind, comment)}.pub")
 
 
 def certify(ca: Path, public: Path, *options: str, identity: str = "alice") -> bytes:
@@ -73,7 +64,7 @@ def certify(ca: Path, public: Path, *options: str, identity: str = "alice") -> b
     n = len(list(public.parent.glob(f"{public.stem}.c*-cert.pub")))
     copy = public.parent / f"{public.stem}.c{n}.pub"
     shutil.copy(public, copy)
-    keygen("-q", "-s", str(ca.with_suffix("")), "-I", identity, *options, str(copy))
+    ssh_keygen_run("-q", "-s", str(ca.with_suffix("")), "-I", identity, *options, str(copy))
     return blob(copy.parent / f"{copy.stem}-cert.pub")
 
 
@@ -84,16 +75,7 @@ def blob(public: Path) -> bytes:
 
 def keygen_fingerprint(public: Path) -> str:
     """The fingerprint as C{ssh-keygen -lf} prints it."""
-    return keygen("-lf", str(public)).split()[1]
-
-
-def capture_log(test: TestCase) -> list[dict[str, Any]]:
-    """Every log event from now until the end of the test."""
-    events: list[dict[str, Any]] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    test.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
+    return ssh_keygen_run("-lf", str(public)).split()[1]
 
 
 def texts(events: list[dict[str, Any]]) -> list[str]:

@@ -17,6 +17,8 @@ has only this checker, so Conch offers C{publickey} alone.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,6 +36,7 @@ from zope.interface import implementer
 from ..access.policy import CredentialFileError
 from ..access.sshkeys import (
     AuthorizedKeys,
+    RevokedKeys,
     SSHIdentity,
     SSHRefused,
     UserCertificateAuthorities,
@@ -46,14 +49,14 @@ REFUSED_ALGORITHMS = frozenset(
     {b"ssh-rsa", b"ssh-dss", b"ssh-rsa-cert-v01@openssh.com", b"ssh-dss-cert-v01@openssh.com"}
 )
 
-#: What the server accepts for user signatures (RFC 8308's C{server-sig-algs}).
+#: What the server accepts for user signatures (RFC 8308's C{server-sig-algs}). No
+#: security keys (C{sk-*}): Conch verifies them as plain keys, ignoring their flags and
+#: counter, so their signatures never check out (L{cloud_console.access.sshkeys}).
 USER_SIGNATURE_ALGORITHMS = (
     b"ssh-ed25519",
-    b"sk-ssh-ed25519@openssh.com",
     b"ecdsa-sha2-nistp256",
     b"ecdsa-sha2-nistp384",
     b"ecdsa-sha2-nistp521",
-    b"sk-ecdsa-sha2-nistp256@openssh.com",
     b"rsa-sha2-512",
     b"rsa-sha2-256",
 )
@@ -91,14 +94,16 @@ class Keyring:
         self.paths = (authorized_keys, user_ca, revoked_keys)
         self.keys: AuthorizedKeys | None = None
         self.authorities: UserCertificateAuthorities | None = None
+        self.revoked: RevokedKeys | None = None
         self._load()
 
     def _load(self) -> None:
-        """@raise CredentialFileError: a file cannot be read."""
+        """@raise CredentialFileError: a file cannot be read (a revocation list too: fail closed)."""
         authorized_keys, user_ca, revoked_keys = self.paths
         keys_now = AuthorizedKeys.load(authorized_keys) if authorized_keys else None
         authorities = UserCertificateAuthorities.load(user_ca, revoked_keys) if user_ca else None
-        self.keys, self.authorities = keys_now, authorities
+        revoked = RevokedKeys.load(revoked_keys) if revoked_keys else None
+        self.keys, self.authorities, self.revoked = keys_now, authorities, revoked
 
     def reload(self) -> None:
         try:
@@ -120,6 +125,8 @@ class Keyring:
             return self.authorities.verify(blob, address, now)
         if self.keys is None:
             raise SSHRefused("unknown key")
+        if self.revoked is not None and self.revoked.revokes_key(blob):
+            raise SSHRefused("revoked")  # as sshd's RevokedKeys: plain keys too
         return self.keys.lookup(blob, address, now)
 
 
@@ -137,6 +144,16 @@ class AddressedKey(credentials.SSHPrivateKey):
     ) -> None:
         credentials.SSHPrivateKey.__init__(self, username, algName, blob, sigData, signature)
         self.address = address
+
+
+def _blob_fingerprint(algorithm: bytes, blob: bytes) -> str:
+    """
+    C{SHA256:...} of a key blob, as C{ssh-keygen -l} prints it for that key; for a
+    certificate, of the certificate blob (said so), which C{ssh-keygen -l} does not print.
+    """
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+    kind = "certificate " if is_certificate_algorithm(algorithm) else ""
+    return f"{kind}SHA256:{digest}"
 
 
 @dataclass(frozen=True)
@@ -172,10 +189,12 @@ class KeyChecker:
         except SSHRefused as e:
             self.failures.count(e.reason)
             _log.info(
-                "SSH login refused for {user!r} from {address}: {reason}",
+                "SSH login refused for {user!r} from {address} ({key}): {reason}",
                 user=username,
                 address=address,
+                key=_blob_fingerprint(creds.algName, creds.blob),
                 reason=e.reason,
+                detail=getattr(e, "detail", ""),
             )
             return defer.fail(error.UnauthorizedLogin(e.reason))
         except conch_error.ValidPublicKey:

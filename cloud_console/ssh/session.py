@@ -48,6 +48,8 @@ from .escape import Command, EscapeReader, describe_escape
 #: L{ConsoleChannel.output}.
 INTERACTIVE_OUTPUT = 1024
 
+_log = Logger()
+
 #: Exit statuses: a console this key may not open (or none of that name), and a command
 #: this door does not know.
 EXIT_NO_CONSOLE = 1
@@ -144,7 +146,6 @@ class ConsoleChannel(SSHChannel):
     """One SSH session channel: a console viewer, or a command's output."""
 
     name = b"session"
-    _log = Logger()
 
     def __init__(self, avatar: ConsoleUser, **kwargs: Any) -> None:
         SSHChannel.__init__(self, avatar=avatar, **kwargs)
@@ -255,7 +256,7 @@ class ConsoleChannel(SSHChannel):
         if tcp is not None and getattr(tcp, "producer", None) is None:
             tcp.registerProducer(_SocketFlow(self), True)
         self._closed = Deferred()
-        self._log.info(
+        _log.info(
             "SSH session on console {console}: {identity} ({fingerprint}) from {address}"
             "{mode}",
             console=console.name or "-",
@@ -354,7 +355,7 @@ class ConsoleChannel(SSHChannel):
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
         lost = lost_to - lost_from
-        self._log.info(
+        _log.info(
             "SSH session from {address} lost {lost} bytes ({reason})",
             address=self.user.login.address,
             lost=lost,
@@ -427,7 +428,7 @@ class ConsoleChannel(SSHChannel):
             return
         attachment.detach()
         login = self.user.login
-        self._log.info(
+        _log.info(
             "SSH session left console {console}: {identity} ({fingerprint}) from {address}",
             console=self.console.name if self.console is not None else "-",
             identity=login.identity.name,
