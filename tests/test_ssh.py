@@ -131,6 +131,12 @@ class AttachTests(SSHTestCase):
         who = client.stdout.split(b"[-- on this console --]")[-1]
         self.assertIn(b"ssh  alice@laptop  127.0.0.1  read-write", who)
         self.assertIn(b"web  anonymous  127.0.0.1  read-write", who)
+        await guest.write(b"kept line\r\n")
+        await client.wait_output(b"kept line\r\n")
+        client.type(b"\x05cr")
+        await client.wait_output(b"[-- end of the history --]")
+        replayed = client.stdout.split(b"[-- replaying the history --]\r\n")[-1]
+        self.assertEqual(replayed, b"kept line\r\n\r\n[-- end of the history --]\r\n")
         client.type(b"x\x05c\x05cy")
         await guest.receives(lambda data: data.endswith(b"x\x05cy"))
         client.type(b"\x05cs")
@@ -489,3 +495,102 @@ class QemuOverSSHTests(SSHTestCase):
         await command(b"echo back $((1+1))", b"back 2\r\n")
         self.assertIsNone(client.status)
         self.assertNotIn(b"bytes lost", client.stdout)
+
+
+class LimitTests(SSHTestCase):
+    """Limits shared with the pages, attempts, the login timeout, and /metrics."""
+
+    async def test_max_clients_counts_ssh_and_pages(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}", "--max-clients", "1")
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        refused = self.ssh("vm1")
+        self.assertEqual(await refused.ended, 1)
+        self.assertEqual(refused.stderr, b"1 clients on this console already\n")
+        page.transport.abortConnection()
+        await server.log_line(lambda err: b"client detached" in err)
+        first = self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        second = self.ssh("vm1")
+        self.assertEqual(await second.ended, 1)
+        self.assertIsNone(first.status)
+
+    async def test_six_attempts(self) -> None:
+        """A connection may fail six times: a good key offered seventh is never tried."""
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        await self.serve("--console", f"vm1={guest.path}")
+        strangers = [ssh_keygen(self.dir, f"stranger{n}") for n in range(6)]
+        for count, status in ((5, 0), (6, 255)):
+            args = ssh_args(self.ssh_port, "vm1", self.alice, "status")
+            i = args.index("-i")
+            keys = [arg for key in strangers[:count] for arg in ("-i", str(key))]
+            args[i:i + 2] = [*keys, "-i", str(self.alice)]
+            client = spawn_ssh(self, args)
+            self.assertEqual(await client.ended, status, f"{count} unknown keys first")
+
+    async def test_metrics_by_front_door(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from tests.helpers import http_get
+
+        guest = self.guest()
+        stranger = ssh_keygen(self.dir, "stranger")
+        self.authorize(self.key_line(self.alice))
+        metrics_port = free_port()
+        server = await self.serve(
+            "--console", f"vm1={guest.path}", "--metrics-port", f"tcp:port={metrics_port}:interface=127.0.0.1"
+        )
+        await server.log_line(lambda err: err.count(b"starting on") >= 3)
+        refused = self.ssh("vm1", "status", key=stranger)
+        self.assertEqual(await refused.ended, 255)
+        self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        code, body = await http_get(metrics_port, "/metrics")
+        self.assertEqual(code, 200)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        self.assertEqual(samples[("cloud_console_sessions", (("front", "ssh"),))], 1)
+        self.assertEqual(samples[("cloud_console_sessions", (("front", "web"),))], 1)
+        self.assertEqual(
+            samples[("cloud_console_auth_failures_total", (("front", "ssh"), ("reason", "unknown key")))], 1
+        )
+
+
+class LoginTimeoutTests(TestCase):
+    """A connection that does not authenticate within 30 s is closed (on a memory clock)."""
+
+    def test_closed_after_30_seconds(self) -> None:
+        from twisted.conch.ssh import transport as ssh_transport
+        from twisted.cred.portal import Portal
+        from twisted.internet.task import Clock
+
+        from cloud_console.ssh.auth import AuthFailures, ConsoleUserAuth
+
+        class Transport:
+            def __init__(self) -> None:
+                self.disconnected: list[int] = []
+                self.factory = type("Factory", (), {"portal": Portal(None, []), "auth_failures": AuthFailures()})()
+
+            def isEncrypted(self, direction: str) -> bool:
+                return True
+
+            def sendDisconnect(self, reason: int, description: bytes) -> None:
+                self.disconnected.append(reason)
+
+        auth = ConsoleUserAuth()
+        auth.clock = clock = Clock()
+        auth.transport = transport = Transport()
+        auth.serviceStarted()
+        clock.advance(29.9)
+        self.assertEqual(transport.disconnected, [])
+        clock.advance(0.1)
+        self.assertEqual(transport.disconnected, [ssh_transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE])
+        self.assertEqual(transport.factory.auth_failures.counts, {"timeout": 1})
