@@ -594,3 +594,36 @@ class LoginTimeoutTests(TestCase):
         clock.advance(0.1)
         self.assertEqual(transport.disconnected, [ssh_transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE])
         self.assertEqual(transport.factory.auth_failures.counts, {"timeout": 1})
+
+
+class SignatureAlgorithmTests(TestCase):
+    """
+    ssh-rsa (SHA-1) and DSA signatures are refused before any key is looked at; OpenSSH
+    9.2 will not send one (it is not in server-sig-algs), so the checker is asked directly.
+    """
+
+    def test_sha1_rsa_refused(self) -> None:
+        from twisted.cred.error import UnauthorizedLogin
+
+        from cloud_console.ssh.auth import AddressedKey, AuthFailures, KeyChecker, Keyring
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        key = ssh_keygen(directory, "bob", kind="rsa")
+        authorized = directory / "authorized_keys"
+        authorized.write_text(Path(f"{key}.pub").read_text())
+        import base64
+
+        blob = base64.b64decode(Path(f"{key}.pub").read_text().split()[1])
+        failures = AuthFailures()
+        checker = KeyChecker(Keyring(str(authorized), None), failures)
+        for algorithm, refused in ((b"ssh-rsa", True), (b"rsa-sha2-256", False)):
+            creds = AddressedKey(b"vm1", algorithm, blob, None, None, "127.0.0.1")
+            failure = self.failureResultOf(checker.requestAvatarId(creds))
+            if refused:
+                failure.trap(UnauthorizedLogin)
+            else:  # the probe of a known key: "it would do" (ValidPublicKey)
+                from twisted.conch.error import ValidPublicKey
+
+                failure.trap(ValidPublicKey)
+        self.assertEqual(failures.counts, {"algorithm": 1})
