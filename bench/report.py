@@ -10,6 +10,7 @@ MiB = 1 << 20
 CC = "cloud-console"
 PEER = "terminado"
 BIG = "cc-bighist"  # cloud-console with a history as large as the workload
+SSH_DOORS = {"websocket": "cc websocket", "ssh": "cc ssh", "sshd": "sshd + cat"}
 
 
 def _mib(n: float) -> str:
@@ -122,6 +123,37 @@ class Report:
             timing += f"; all {r['history']} bytes p50 {statistics.median(full):.2f} ms"
         return (f"{ok} ({r.get('received')} B of {r['written']} written, {r.get('nul')} NUL)"
                 f"  {timing}  (n={len(fb)})")
+
+    def _ssh(self, r: dict) -> list[str]:
+        sep = ("privilege-separated, as root" if r["privsep"] else f"as {r['user']}, unseparated")
+        lines = [(f"{_mib(r['size'])} to each viewer, fresh server and pty per run; cloud-console "
+                  f"--history-size {r['history']}; sshd {r['sshd']} ({sep}) relaying the pty "
+                  "with cat (10 viewers: a tee into a FIFO per session)")]
+        for key, x in r["figures"].items():
+            door, n = key.split()
+            head = f"{SSH_DOORS[door]:<16} clients={n:<3}"
+            if "failed" in x:
+                lines.append(f"{head} FAILED: {x['failed']}")
+                continue
+            if x.get("n_errors") or "cpu_ms_per_mib" not in x:
+                lines.append(f"{head} NOT SCORED: {x.get('n_errors')} of {n} viewers failed: "
+                             f"{x.get('errors', [])[:2]}")
+                continue
+            runs = " ".join(f"{y['per_client']:.0f}/{y['cpu_ms_per_mib']:.2f}" for y in x["runs"])
+            line = (f"{head} per-client {x['per_client']:6.1f} MiB/s (slowest {x['slowest']:.1f})"
+                    f"  aggregate {x['aggregate']:6.1f} MiB/s  server CPU "
+                    f"{x['cpu_ms_per_mib']:5.2f} ms/MiB ({x['cpu_cores']:.2f} cores)  [exact]"
+                    f"  runs {runs}")
+            if "cipher" in x:
+                line += f"  {x['cipher']}"
+            if x.get("pre_sync", ["b''"]) != ["b''"]:
+                line += f"  before the workload: {', '.join(x['pre_sync'])[:160]}"
+            if door == "sshd":
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+                    x["by_name"].items(), key=lambda kv: -kv[1]))
+                line += f"  ({parts} ms/MiB; {x['processes']} processes, {x['exited']} exited)"
+            lines.append(line)
+        return lines
 
     def _fleet(self, r: dict, part: str) -> list[str]:
         return self._fleet_host(r) if part == "host" else self._fleet_neighbour(r)
@@ -237,6 +269,7 @@ class Report:
             print(f"  {name + f' clients={n}':<26}{r['per_client']:8.1f}{vs_raw:>12}{vs_peer:>14}"
                   f"{r['cpu_ms_per_mib']:9.2f}{cpu_peer:>21}")
         print("  (vs raw pty: the best bare-pty run in the direction the server reads)")
+        self._ssh_table()
         self._goals()
         print(f"\nbench took {elapsed:.0f} s", flush=True)
 
@@ -299,6 +332,7 @@ class Report:
             rows.append(("history exact (last --history-size bytes)",
                          "exact" if h.get("exact") else "wrong", "exact", bool(h.get("exact"))))
         rows += self._fleet_goals()
+        rows += self._ssh_goals()
         raw = self.get("latency", "raw pty", 0)
         print("\ndesign goals (cloud-console)" + (
             f"; bare pty echo p99 now: {raw['p99']:.0f} us" if "p99" in raw else ""))
@@ -306,6 +340,39 @@ class Report:
             print(f"  {what:<54}{got:>12}  {want:<12}{'met' if ok else 'MISSED'}")
         print("  [big hist.]: measured on cc-bighist, because the default history closed "
               "clients")
+
+    def _ssh_figure(self, door: str, n: int) -> float | None:
+        x = self.get("ssh", CC).get("figures", {}).get(f"{door} {n}", {})
+        return None if x.get("n_errors") else x.get("cpu_ms_per_mib")
+
+    def _ssh_table(self) -> None:
+        ns = self.args.ssh_clients if self.get("ssh", CC) else []
+        if not ns:
+            return
+        print("\nthe SSH door (server CPU ms per MiB delivered; same workload, fresh pty per run)")
+        print(f"  {'':<12}{'cc websocket':>14}{'cc ssh':>10}{'sshd + cat':>12}"
+              f"{'ssh/websocket':>15}{'ssh/sshd':>10}")
+        for n in ns:
+            ws, ss, od = (self._ssh_figure(d, n) for d in ("websocket", "ssh", "sshd"))
+            cells = [f"{v:.2f}" if v is not None else "-" for v in (ws, ss, od)]
+            ratios = [f"{ss / v:.2f}" if ss is not None and v else "-" for v in (ws, od)]
+            print(f"  {f'clients={n}':<12}{cells[0]:>14}{cells[1]:>10}{cells[2]:>12}"
+                  f"{ratios[0]:>15}{ratios[1]:>10}")
+
+    def _ssh_goals(self) -> list[tuple]:
+        rows = []
+        for n in (self.args.ssh_clients if self.get("ssh", CC) else []):
+            ws, ss, od = (self._ssh_figure(d, n) for d in ("websocket", "ssh", "sshd"))
+            if ss is None:
+                rows.append((f"ssh: every byte to {n} viewer(s)", "failed", "yes", False))
+                continue
+            if ws is not None:
+                rows.append((f"ssh: CPU/MiB, {n} viewer(s) <= 1.5x websocket's", f"{ss:.2f} ms",
+                             f"<= {1.5 * ws:.2f} ms", ss <= 1.5 * ws))
+            if od is not None:
+                rows.append((f"ssh: CPU/MiB, {n} viewer(s) <= sshd + cat", f"{ss:.2f} ms",
+                             f"<= {od:.2f} ms", ss <= od))
+        return rows
 
     def _fleet_goals(self) -> list[tuple]:
         rows = []

@@ -22,6 +22,12 @@ to serving 1,000, idle CPU, a SIGHUP reload of 1,000 with 10 sources changed whi
 of 20 unchanged consoles verify their streams, and a noisy neighbour (a flood and an
 operator's echo on two consoles of one process, against two processes).
 
+"ssh" (bench/ssh.py; alone: --scenarios ssh) is the SSH door's cost: server CPU per MiB
+delivered to 1 and 10 ssh viewers, against 1 and 10 WebSocket viewers of the same server
+and against OpenSSH's sshd relaying the same pty with cat (needs openssh-client and
+openssh-server's sshd; the bench starts its own instance: own config, host key and
+authorized_keys in the run's directory, a loopback port).
+
 "cc-bighist" is the same server with --history-size larger than the workload: when the
 default server closes clients as lagging (so its throughput is not scored), this is
 where its per-byte cost is measured. --server-pythonpath runs another copy of the
@@ -52,6 +58,7 @@ import fleet  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
 import procs  # noqa: E402
+import ssh  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
 from workload import cached  # noqa: E402
 
@@ -62,7 +69,7 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -121,6 +128,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="fleet: consoles the reload gives a new source (default 10)")
     p.add_argument("--fleet-flood", type=float,
                    help="fleet: seconds the flood is measured alone (default 5, quick 2)")
+    p.add_argument("--ssh-clients", default="1,10", help="ssh: viewer counts (default 1,10)")
+    p.add_argument("--sshd", help="ssh: OpenSSH's sshd (default: found on PATH or in /usr/sbin)")
+    p.add_argument("--ssh-cipher", help="ssh: force this cipher on every ssh viewer (ssh -c; "
+                   "default: what each server negotiates with OpenSSH's client)")
     p.add_argument("--timeout", type=float, default=180, help="bound on any one phase, s")
     p.add_argument("--json", help="write every result as JSON to this file")
     a = p.parse_args(argv)
@@ -135,6 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.repeat = a.repeat or (1 if a.quick else 3)
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     a.clients = [int(n) for n in a.clients.split(",") if n]
+    a.ssh_clients = [int(n) for n in a.ssh_clients.split(",") if n]
     a.peer_clients = [int(n) for n in a.peer_clients.split(",") if n]
     a.idle = [int(n) for n in a.idle.split(",") if n]
     a.fleet_sizes = sorted({int(n) for n in (a.fleet_sizes or (
@@ -150,6 +162,13 @@ def check_server(args: argparse.Namespace) -> None:
         import terminado  # noqa: F401
     except ImportError:
         sys.exit("terminado is missing: pip install -r bench/requirements.txt")
+    if "ssh" in args.scenarios:
+        missing = ssh.missing_clients()
+        if missing:
+            sys.exit("the ssh scenario needs OpenSSH's client: " + "; ".join(missing)
+                     + " (or leave it out: --scenarios without ssh)")
+        if not ssh.sshd_path(args.sshd):
+            print(f"note: {ssh.SSHD_MISSING}; the ssh scenario runs without it", flush=True)
     if args.server_cmd != CC_COMMAND:
         return
     env = dict(os.environ, PYTHONPATH=args.server_pythonpath or procs.REPO)
@@ -234,6 +253,10 @@ def main(argv: list[str]) -> int:
                 flood_seconds=args.fleet_flood)
             attempt(("fleet", report.CC, "host"), fleet.host, opts)
             attempt(("fleet", report.CC, "neighbour"), fleet.neighbour, opts)
+        if "ssh" in args.scenarios:
+            attempt(("ssh", report.CC), ssh.ssh,
+                    ssh.SshOptions(args.ssh_clients, args.repeat, args.sshd, args.ssh_cipher),
+                    args.client_procs)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:
