@@ -10,6 +10,7 @@ the guest's side or the client's, lines in the server's log, the client's exit).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -447,6 +448,25 @@ class FlowControlTests(SSHTestCase):
         self.assertGreater(lost, 0)  # 150 MB do not fit in a stopped client's buffers
 
 
+    async def test_stop_with_a_suspended_client(self) -> None:
+        """
+        SIGTERM while an ssh is stopped with its window full: the server tells it, waits
+        at most 5 s for it, and ends with status 0; the client, continued, reads why.
+        """
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        client = self.ssh("vm1")
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        client.signal("STOP")
+        await guest.write(os.urandom(8 * 1024 * 1024))
+        server.signal("TERM")
+        self.assertEqual(await server.ended, 0)
+        self.assertIn(b"did not close within 5.0 s; dropped", server.stderr)
+        client.signal("CONT")
+        self.assertEqual(await client.ended, 255)  # the connection was dropped
+
+
 class QemuOverSSHTests(SSHTestCase):
     """A real QEMU guest through the SSH door, across a guest reboot and a QEMU restart."""
 
@@ -612,8 +632,6 @@ class SignatureAlgorithmTests(TestCase):
         key = ssh_keygen(directory, "bob", kind="rsa")
         authorized = directory / "authorized_keys"
         authorized.write_text(Path(f"{key}.pub").read_text())
-        import base64
-
         blob = base64.b64decode(Path(f"{key}.pub").read_text().split()[1])
         failures = AuthFailures()
         checker = KeyChecker(Keyring(str(authorized), None), failures)

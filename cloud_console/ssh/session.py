@@ -28,7 +28,7 @@ from twisted.conch.ssh import connection, session
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import getNS
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -49,6 +49,10 @@ from .escape import Command, EscapeReader, describe_escape
 INTERACTIVE_OUTPUT = 1024
 
 _log = Logger()
+
+#: Seconds a closed session's client has to close the channel before the connection is
+#: dropped (as the WebSocket side's close handshake timeout).
+CLOSE_TIMEOUT = 5.0
 
 #: Exit statuses: a console this key may not open (or none of that name), and a command
 #: this door does not know.
@@ -160,6 +164,7 @@ class ConsoleChannel(SSHChannel):
         self._exit_status: int | None = None
         self._finished = False
         self._closed: Deferred[None] | None = None
+        self._close_timer: IDelayedCall | None = None
 
     # -- requests ------------------------------------------------------------------
 
@@ -374,13 +379,32 @@ class ConsoleChannel(SSHChannel):
         self._line(f"console {'up' if up else 'down'}: {reason} -- {since}")
 
     def close(self, code: int, reason: str) -> Deferred[None]:
+        """
+        Say why, exit, and fire once the client has closed the channel, or after
+        L{CLOSE_TIMEOUT} seconds, when the connection is dropped (a client that stopped
+        reading never would, and a server stopping waits for this).
+        """
         closed = self._closed
         self.detach()
         if closed is None or self._finished:
             return succeed(None)
         self._line(reason)
         self._finish(2 if code == CLOSE_CONSOLE_CLOSED else 0)
+        if self._closed is not None and self._close_timer is None:
+            self._close_timer = self.door.clock.callLater(CLOSE_TIMEOUT, self._drop)
         return closed
+
+    def _drop(self) -> None:
+        self._close_timer = None
+        _log.info(
+            "SSH session from {address} did not close within {seconds} s; dropped",
+            address=self.user.login.address,
+            seconds=CLOSE_TIMEOUT,
+        )
+        tcp: Any = getattr(getattr(self.conn, "transport", None), "transport", None)
+        if tcp is not None:
+            tcp.abortConnection()
+        self.closed()
 
     # -- flow control and the end ------------------------------------------------
 
@@ -445,6 +469,10 @@ class ConsoleChannel(SSHChannel):
 
     def closed(self) -> None:
         self.detach()
+        if self._close_timer is not None:
+            if self._close_timer.active():
+                self._close_timer.cancel()
+            self._close_timer = None
         closed, self._closed = self._closed, None
         if closed is not None:
             closed.callback(None)
