@@ -40,6 +40,8 @@ from .pacing import ReadPacer
 #: before it buffers much more than its limit.
 CATCH_UP_STEP = 64 * 1024
 
+#: How far into the replayed tail a line boundary is looked for, after a "not kept" line.
+LINE_SEARCH = 4096
 
 
 def iso_time(seconds: float) -> str:
@@ -259,9 +261,25 @@ class Multiplexer(Service):
 
     @property
     def tail_start(self) -> int:
-        """Offset of the oldest byte of the replayed tail (the last history_size)."""
+        """
+        Offset of the oldest byte of the replayed tail: the last history_size bytes, or,
+        after a "not kept" line, from the first line boundary in them.
+
+        A tail cut at a byte count starts inside a line, often inside an escape sequence
+        (the page showed C{[m} under the "not kept" line): when the byte before the tail
+        is not a newline (or is not held), the tail starts after the first newline within
+        its first L{LINE_SEARCH} bytes, which the "not kept" line then counts. Without a
+        head there is no such line and the replay stays exactly the last history_size
+        bytes, the original tool's contract.
+        """
         history = self.history
-        return max(history.start, history.end - self.replay_size)
+        start = max(history.start, history.end - self.replay_size)
+        if not history.head_start < history.head_end < start:
+            return start
+        if start > history.start and history.read_from(start - 1, 1) == b"\n":
+            return start
+        newline = history.read_from(start, LINE_SEARCH).find(b"\n")
+        return start if newline < 0 else start + newline + 1
 
     @property
     def replay_start(self) -> int:
