@@ -420,9 +420,9 @@ class Multiplexer(Service):
         """
         if not data:
             return
-        self.last_output_at = self._seconds()
+        now = self.last_output_at = self._seconds()
         chunk = Chunk(self.history.end, data)
-        self.history.append(data)
+        self.history.append(data, now)
         end = chunk.end
         for attachment in list(self._attachments):
             if attachment.paused or not attachment.attached:
