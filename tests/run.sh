@@ -4,6 +4,7 @@
 # Sets up everything a fresh machine needs, then runs the whole suite with trial:
 #   - Debian's chromium for the browser tests (apt-get, only where it is missing);
 #   - Debian's nginx for the reverse-proxy test (only where missing);
+#   - Debian's asciinema, a real consumer of the asciicast download (only where missing);
 #   - for the real-guest tests (tests/guest.py): Debian's qemu-system-x86 and busybox-static
 #     (only where missing), and Debian's cloud kernel, fetched with apt-get download and
 #     unpacked with dpkg-deb -x (no maintainer scripts) into a cache outside the checkout;
@@ -35,6 +36,12 @@ if [ ! -x /usr/sbin/nginx ]; then
     # starts it with its default site on port 80): it runs nginx in the foreground with
     # its own configuration, ports and paths.
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx >/dev/null
+fi
+
+if ! command -v asciinema >/dev/null 2>&1; then
+    echo "== installing Debian's asciinema, which checks the asciicast download (tests/test_export.py)"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq asciinema >/dev/null
 fi
 
 guest_packages=""

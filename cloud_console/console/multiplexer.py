@@ -254,6 +254,10 @@ class Multiplexer(Service):
     def _seconds(self) -> float:
         return self.clock.seconds() if self.clock is not None else time.time()
 
+    def seconds(self) -> float:
+        """Now, on this console's clock (seconds since the epoch)."""
+        return self._seconds()
+
     def _now(self) -> str:
         return iso_time(self._seconds())
 
@@ -307,11 +311,23 @@ class Multiplexer(Service):
         The history a new client gets, oldest first, as one file: the head, a marker
         line for the bytes skipped, the tail.
         """
+        runs, skipped = self.replay_runs()
+        if len(runs) == 1:
+            return runs[0][1]
+        return runs[0][1] + skip_marker(skipped) + runs[1][1]
+
+    def replay_runs(self) -> tuple[list[tuple[int, bytes]], int]:
+        """
+        The history a new client gets as runs (offset, bytes): the head and the tail,
+        with how many bytes between them are not sent; or the one run, and 0.
+        """
+        history = self.history
         skipped = self.replay_skip
         if skipped is None:
-            return self.history.read_from(self.replay_start)
-        head = self.history.head()
-        return head + skip_marker(skipped[1] - skipped[0]) + self.history.read_from(skipped[1])
+            start = self.replay_start
+            return [(start, history.read_from(start))], 0
+        tail = (skipped[1], history.read_from(skipped[1]))
+        return [(history.head_start, history.head()), tail], skipped[1] - skipped[0]
 
     # -- the console side ------------------------------------------------------------
 
