@@ -22,6 +22,10 @@ to serving 1,000, idle CPU, a SIGHUP reload of 1,000 with 10 sources changed whi
 of 20 unchanged consoles verify their streams, and a noisy neighbour (a flood and an
 operator's echo on two consoles of one process, against two processes).
 
+"timeindex" (bench/timeindex.py) measures the history's time index in the server's
+Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
+its CPU per MiB on the output path, with and without it.
+
 "cc-bighist" is the same server with --history-size larger than the workload: when the
 default server closes clients as lagging (so its throughput is not scored), this is
 where its per-byte cost is measured. --server-pythonpath runs another copy of the
@@ -51,6 +55,7 @@ except ImportError:
 import fleet  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
+import timeindex  # noqa: E402
 import procs  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
 from workload import cached  # noqa: E402
@@ -62,7 +67,7 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "timeindex")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -234,6 +239,8 @@ def main(argv: list[str]) -> int:
                 flood_seconds=args.fleet_flood)
             attempt(("fleet", report.CC, "host"), fleet.host, opts)
             attempt(("fleet", report.CC, "neighbour"), fleet.neighbour, opts)
+        if "timeindex" in args.scenarios:
+            attempt(("timeindex", report.CC), timeindex.measure)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:

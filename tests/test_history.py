@@ -546,12 +546,32 @@ class TimeIndexTests(SynchronousTestCase):
         self.assertEqual(history.time_marks(history.start, history.start + 1), [(history.start, boot + 6)])
 
     def test_new_boot_new_head_marks(self) -> None:
-        """A new boot's head has only its own marks."""
+        """
+        A new boot's head keeps only its own marks, taken over from the ring as its
+        bytes leave it (each mark held once).
+        """
         history = History(100, head_size=50)
         self.write(history, b"old boot\n")
         history.begin_boot()
         offset = self.write(history, b"new boot\n", after=30)
-        self.assertEqual(history.head_times.marks(0, history.end), [(offset, self.clock.seconds())])
+        booted = self.clock.seconds()
+        self.assertEqual(len(history.head_times), 0)  # still in the ring: its marks there
+        for _ in range(10):
+            self.write(history, b"w" * 30, after=1)
+        self.assertGreater(history.start, history.head_end)
+        self.assertEqual(history.head_times.marks(offset, history.head_end)[0], (offset, booted))
+        self.assertEqual(history.time_at(offset + 3), booted)
+        self.assertTrue(all(at >= offset for at, _ in history.head_times.marks(0, history.end)))
+
+    def test_head_partly_in_the_ring(self) -> None:
+        """A head partly out of the ring: its first bytes' times from the head, the rest from the ring."""
+        history = History(100, head_size=80)
+        boot = self.clock.seconds()
+        self.write(history, b"a" * 40)
+        self.write(history, b"b" * 40, after=5)
+        self.write(history, b"c" * 60, after=5)
+        self.assertEqual(history.start, 40)
+        self.assertEqual(history.time_marks(0, 80), [(0, boot), (40, boot + 5)])
 
     def test_without_times(self) -> None:
         """Appends without a time leave no marks, and no time is made up."""

@@ -39,7 +39,7 @@ TIME_RESOLUTION = 0.1
 #: Time marks kept for the ring, per console (16 bytes each: 64 KiB at most).
 RING_MARKS = 4096
 
-#: Time marks kept for the boot's head, per console (16 KiB at most).
+#: Time marks kept for the boot's head once its bytes left the ring (16 KiB at most).
 HEAD_MARKS = 1024
 
 
@@ -105,15 +105,35 @@ class TimeIndex:
         self._times = array("d", [times[i] for i in keep])
         self._first = 0
 
-    def evict(self, start: int) -> None:
+    def keep(self, offset: int, time: float) -> None:
+        """Add a mark as it is (no merging), unless one at C{offset} or later is kept."""
+        if len(self) and self._offsets[-1] >= offset:
+            return
+        self._offsets.append(offset)
+        self._times.append(time)
+        if len(self) > self.cap:
+            self._thin()
+
+    def evict(
+        self, start: int, head: TimeIndex | None = None, head_start: int = 0, head_limit: int = 0
+    ) -> None:
         """
         Bytes before C{start} are gone: let their marks go, but the one that covers
-        C{start}.
+        C{start}. Marks of the head's bytes [head_start, head_limit) go to C{head}
+        instead, so a mark is held once: by the ring while its bytes are there, then by
+        the head.
         """
         offsets = self._offsets
         first, count = self._first, len(offsets)
         while first + 1 < count and offsets[first + 1] <= start:
+            if head is not None and offsets[first + 1] > head_start and offsets[first] < head_limit:
+                head.keep(max(offsets[first], head_start), self._times[first])
             first += 1
+        if head is not None and first < count and head_start <= start:
+            covering = offsets[first]
+            if covering < head_limit and covering < start:
+                # Its first bytes left the ring and some are the head's.
+                head.keep(max(covering, head_start), self._times[first])
         if first > 64 and first * 2 > count:
             del offsets[:first]
             del self._times[:first]
@@ -259,11 +279,14 @@ class History:
             return
         capacity = self.capacity
         if now is not None:
-            offset = self._end
-            if offset < self.head_start + self.head_size:
-                self.head_times.mark(offset, now)
-            self.times.mark(offset, now)
-            self.times.evict(offset + size - capacity)
+            self.times.mark(self._end, now)
+        new_start = self._end + size - capacity
+        if new_start > 0:
+            limit = self.head_start + self.head_size
+            if self.head_size and new_start > self.head_start:
+                self.times.evict(new_start, self.head_times, self.head_start, limit)
+            else:
+                self.times.evict(new_start)
         src = memoryview(data)
         self._keep_head(src)
         self._make_room(self._end + size)
@@ -358,10 +381,11 @@ class History:
         ring_start = self.start
         if start >= ring_start:
             return self.times.marks(start, end)
-        head_end = self.head_end
-        marks = self.head_times.marks(start, min(end, head_end))
-        if end > head_end:
-            marks += self.times.marks(max(head_end, ring_start), end)
+        # The head's bytes that left the ring have their marks in the head's index;
+        # those still in the ring, in the ring's.
+        marks = self.head_times.marks(start, min(end, self.head_end, ring_start))
+        if end > ring_start:
+            marks += self.times.marks(ring_start, end)
         return marks
 
     def time_at(self, offset: int) -> float | None:
