@@ -155,6 +155,20 @@ class Report:
             lines.append(line)
         return lines
 
+    def _timeindex(self, r: dict) -> list[str]:
+        idle, flood, cpu = r["idle"], r["flood"], r["cpu"]
+        return [
+            f"{idle['consoles']} idle consoles: history {idle['per_console'] / 1024:.1f} KiB "
+            f"each, of which the time index {idle['index_per_console']:.0f} B "
+            f"({idle['marks'] // idle['consoles']} marks)",
+            f"after a {flood['flood_mib']:.0f} MiB flood: {flood['after_flood']['marks']} marks, "
+            f"{flood['after_flood']['index_bytes']} B (ring {_mib(flood['after_flood']['ring_bytes'])}); "
+            f"at the cap: {flood['worst_case']['marks']} marks, "
+            f"{flood['worst_case']['index_bytes'] / 1024:.0f} KiB",
+            f"output path CPU {cpu['without_index']:.3f} -> {cpu['with_index']:.3f} ms/MiB "
+            f"(index +{cpu['index_ms_per_mib']:.3f} ms/MiB, no clients)",
+        ]
+
     def _fleet(self, r: dict, part: str) -> list[str]:
         return self._fleet_host(r) if part == "host" else self._fleet_neighbour(r)
 

@@ -28,6 +28,10 @@ and against OpenSSH's sshd relaying the same pty with cat (needs openssh-client 
 openssh-server's sshd; the bench starts its own instance: own config, host key and
 authorized_keys in the run's directory, a loopback port).
 
+"timeindex" (bench/timeindex.py) measures the history's time index in the server's
+Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
+its CPU per MiB on the output path, with and without it.
+
 "cc-bighist" is the same server with --history-size larger than the workload: when the
 default server closes clients as lagging (so its throughput is not scored), this is
 where its per-byte cost is measured. --server-pythonpath runs another copy of the
@@ -57,6 +61,7 @@ except ImportError:
 import fleet  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
+import timeindex  # noqa: E402
 import procs  # noqa: E402
 import ssh  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
@@ -69,7 +74,7 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -257,6 +262,9 @@ def main(argv: list[str]) -> int:
             attempt(("ssh", report.CC), ssh.ssh,
                     ssh.SshOptions(args.ssh_clients, args.repeat, args.sshd, args.ssh_cipher),
                     args.client_procs)
+
+        if "timeindex" in args.scenarios:
+            attempt(("timeindex", report.CC), timeindex.measure)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:

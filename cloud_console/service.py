@@ -176,6 +176,7 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
         log_file=options["log-file"],
         history_size=options["history-size"],
         head_size=options["head-size"],
+        log_timestamps=options["log-timestamps"],
         read_only=bool(options["read-only"]),
         reopen=bool(options["reopen"]),
         raw=not options["no-raw"],

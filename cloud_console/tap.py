@@ -94,6 +94,14 @@ class Options(usage.Options):
             _bytes("head-size", zero_allowed=True),
         ],
         [
+            "log-timestamps",
+            None,
+            0.0,
+            "Write a MARK line with the time into the log file after this many minutes "
+            "of silence, and when output resumes after it; 0 (the default) never.",
+            _number("log-timestamps", float, "minutes", zero_allowed=True),
+        ],
+        [
             "ping-interval",
             None,
             DEFAULT_PING_INTERVAL,
@@ -298,6 +306,7 @@ class Options(usage.Options):
         self["defaults"] = {
             "history-size": self["history-size"],
             "head-size": self["head-size"],
+            "log-timestamps": self["log-timestamps"],
             "read-only": bool(self["read-only"]),
             "raw": not self["no-raw"],
             "log-dir": self["log-dir"],

@@ -22,7 +22,7 @@ const outdir = target
   : path.join(here, '..', 'cloud_console', 'web_assets');
 
 // Packages whose code or fonts end up in the output.
-const BUNDLED = ['@xterm/xterm', '@xterm/addon-fit', '@fontsource-variable/jetbrains-mono'];
+const BUNDLED = ['@xterm/xterm', '@xterm/addon-fit', '@xterm/addon-search', '@fontsource-variable/jetbrains-mono'];
 
 // Each page: its HTML (copied from src/) and the script bundled into ENTRY.js
 // (and the styles it imports into ENTRY.css). One esbuild run per page, so that

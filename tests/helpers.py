@@ -726,3 +726,32 @@ def spawn_ssh(test: TestCase, args: list[str], terminal: bool = False) -> SSHCli
 
     test.addCleanup(kill)
     return client
+
+class _Ended(protocol.ProcessProtocol):
+    """Fires L{ended} with the exit status; what the process prints on its tty is dropped."""
+
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode
+        self.ended.callback(code if code is not None else -reason.value.signal)
+
+
+async def asciinema_cat(cast: Path, out: Path) -> int:
+    """
+    Debian's C{asciinema cat CAST}, its output written to C{out}; returns its status.
+    It opens /dev/tty (to set raw mode) before printing, so it runs on a pty of its own
+    (C{usePTY}), its stdout redirected to the file: the pty's line discipline never
+    touches the bytes compared.
+    """
+    ended = _Ended()
+    env = dict(os.environ, LC_ALL="C.UTF-8")
+    reactor.spawnProcess(  # type: ignore[attr-defined]
+        ended,
+        "/bin/sh",
+        ["sh", "-c", 'exec asciinema cat "$0" > "$1"', str(cast), str(out)],
+        env=env,
+        usePTY=True,
+    )
+    return await ended.ended

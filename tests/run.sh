@@ -5,6 +5,7 @@
 #   - Debian's chromium for the browser tests (apt-get, only where it is missing);
 #   - Debian's nginx for the reverse-proxy test (only where missing);
 #   - Debian's openssh-client (ssh, ssh-keygen) for the SSH door's tests (only where missing);
+#   - Debian's asciinema, a real consumer of the asciicast download (only where missing);
 #   - for the real-guest tests (tests/guest.py): Debian's qemu-system-x86 and busybox-static
 #     (only where missing), and Debian's cloud kernel, fetched with apt-get download and
 #     unpacked with dpkg-deb -x (no maintainer scripts) into a cache outside the checkout;
@@ -42,6 +43,12 @@ if ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; 
     echo "== installing Debian's openssh-client for the SSH door's tests (tests/test_ssh.py)"
     apt_update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssh-client >/dev/null
+fi
+
+if ! command -v asciinema >/dev/null 2>&1; then
+    echo "== installing Debian's asciinema, which checks the asciicast download (tests/test_export.py)"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq asciinema >/dev/null
 fi
 
 guest_packages=""

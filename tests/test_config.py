@@ -254,6 +254,7 @@ class LoadTests(SynchronousTestCase):
             head-size = 0
             read-only = true
             reopen = false
+            log-timestamps = 15
             """,
         )
         (spec,) = load_config(path, {})
@@ -270,8 +271,20 @@ class LoadTests(SynchronousTestCase):
                 reopen=False,
                 raw=True,
                 origin="config",
+                log_timestamps=15,
             ),
         )
+
+    def test_log_timestamps_checked_and_defaulted(self) -> None:
+        """
+        log-timestamps is minutes, 0 or more; a table without it takes the option's.
+        """
+        path = _write(self, '[console.vm1]\nsource = "/run/a"\nlog-timestamps = -1\n')
+        error = self.assertRaises(ConfigError, load_config, path, {})
+        self.assertIn("log-timestamps must be a number of minutes", str(error))
+        path = _write(self, '[console.vm1]\nsource = "/run/a"\n')
+        (spec,) = load_config(path, {"log-timestamps": 2.5})
+        self.assertEqual(spec.log_timestamps, 2.5)
 
     def test_defaults(self) -> None:
         """
@@ -427,7 +440,7 @@ class LoadErrorTests(SynchronousTestCase):
             message,
             f'{path}:4: [console.vm1] unknown key "histroy-size" (did you mean '
             '"history-size"?); known keys: source, title, log-file, history-size, '
-            "head-size, read-only, reopen",
+            "head-size, read-only, reopen, log-timestamps",
         )
 
     def test_raw_is_not_per_console(self) -> None:

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud_console.console.history import History, OffsetTooOld
+from cloud_console.console.history import (
+    RING_MARKS,
+    TIME_RESOLUTION,
+    History,
+    OffsetTooOld,
+    TimeIndex,
+)
 
 
 def _wrapped(capacity: int, *writes: bytes | bytearray | memoryview) -> History:
@@ -412,3 +419,166 @@ class HeadTests(SynchronousTestCase):
                 self.assertEqual(error.start, following)
         self.assertEqual(history.head(), model[boot : boot + head_size])
         self.assertLessEqual(history.allocated, max(capacity, 4096) + head_size)
+
+
+class TimeIndexTests(SynchronousTestCase):
+    """
+    When bytes arrived: one mark per read, merged to one per TIME_RESOLUTION, capped,
+    the ring's marks let go with its bytes, the head's kept with the head. Times come
+    from a L{Clock}, advanced as a guest would write.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+
+    def write(self, history: History, data: bytes, after: float = 0.0) -> int:
+        """Advance the clock by C{after}, append C{data} then; return its offset."""
+        self.clock.advance(after)
+        offset = history.end
+        history.append(data, self.clock.seconds())
+        return offset
+
+    def test_each_byte_gets_its_read_time(self) -> None:
+        """Bytes of reads far apart in time each get their own read's time."""
+        history = History(1000)
+        start = self.clock.seconds()
+        self.write(history, b"first\n")
+        second = self.write(history, b"second\n", after=5)
+        self.assertEqual(history.time_at(0), start)
+        self.assertEqual(history.time_at(5), start)
+        self.assertEqual(history.time_at(second), start + 5)
+        self.assertEqual(history.time_at(history.end - 1), start + 5)
+        self.assertEqual(history.time_marks(0, history.end), [(0, start), (second, start + 5)])
+
+    def test_merged_within_the_resolution(self) -> None:
+        """Reads less than TIME_RESOLUTION after the mark share it; the next one does not."""
+        history = History(1000)
+        start = self.clock.seconds()
+        self.write(history, b"a")
+        self.write(history, b"b", after=TIME_RESOLUTION / 2)
+        self.write(history, b"c", after=TIME_RESOLUTION / 4)
+        late = self.write(history, b"d", after=TIME_RESOLUTION / 2)
+        self.assertEqual(len(history.times), 2)
+        self.assertEqual(history.time_at(2), start)
+        self.assertEqual(history.time_at(late), start + TIME_RESOLUTION * 1.25)
+
+    def test_marks_clipped_to_the_range(self) -> None:
+        """Marks for a range start with the one covering its first byte, given there."""
+        history = History(1000)
+        start = self.clock.seconds()
+        self.write(history, b"0123456789")
+        self.write(history, b"abcdef", after=1)
+        self.assertEqual(history.time_marks(4, 12), [(4, start), (10, start + 1)])
+        self.assertEqual(history.time_marks(11, 16), [(11, start + 1)])
+
+    def test_cap_keeps_the_silences(self) -> None:
+        """
+        Past the cap the marks are halved, dropping those closest in time to the one
+        before: a burst after a long silence keeps its own time, and so do the first and
+        newest marks.
+        """
+        index = TimeIndex(8)
+        for i in range(6):
+            index.mark(i * 10, 1000 + i)
+        index.mark(60, 5000.0)  # after a long silence
+        index.mark(70, 5001.0)
+        index.mark(80, 5002.0)  # ninth mark: thinned to four
+        self.assertEqual(len(index), 4)
+        self.assertEqual(index.time_at(0), 1000)
+        self.assertEqual(index.time_at(60), 5000.0)
+        self.assertEqual(index.time_at(85), 5002.0)
+        self.assertLessEqual(index.allocated, 8 * 16)
+
+    def test_cap_held_under_a_flood_of_reads(self) -> None:
+        """However many reads, the ring's marks stay within RING_MARKS."""
+        history = History(10_000_000)
+        for _ in range(3 * RING_MARKS):
+            self.write(history, b"x" * 100, after=TIME_RESOLUTION)
+        self.assertLessEqual(len(history.times), RING_MARKS)
+        self.assertLessEqual(history.times_allocated, (RING_MARKS + 1) * 16)
+        self.assertEqual(history.time_at(0), 1_800_000_000 + TIME_RESOLUTION)
+
+    def test_ring_eviction(self) -> None:
+        """Marks of bytes the ring let go go too, but the one covering its oldest byte."""
+        history = History(100)
+        start = self.clock.seconds()
+        for i in range(10):
+            self.write(history, bytes([65 + i]) * 30, after=1)
+        self.assertEqual(history.start, 200)
+        self.assertEqual(len(history.times), 4)  # marks at 180, 210, 240, 270
+        self.assertEqual(history.time_marks(200, 300)[0], (200, start + 7))
+        self.assertEqual(history.time_at(299), start + 10)
+
+    def test_ring_eviction_compacts(self) -> None:
+        """Marks let go are freed, not only skipped: memory stays at the ring's share."""
+        history = History(1000)
+        for _ in range(5000):
+            self.write(history, b"y" * 100, after=1)
+        self.assertLessEqual(len(history.times), 11)
+        self.assertLess(history.times.allocated, 200 * 16)
+
+    def test_head_keeps_its_own_marks(self) -> None:
+        """The head's bytes keep their times after the ring and its marks moved on."""
+        history = History(100, head_size=60)
+        boot = self.clock.seconds()
+        self.write(history, b"Linux version\n" + b"." * 16, after=0)
+        self.write(history, b"init\n" + b"." * 15, after=2)
+        for _ in range(20):
+            self.write(history, b"z" * 40, after=60)
+        self.assertEqual(history.skipped, (60, history.start))
+        self.assertEqual(history.time_at(0), boot)
+        self.assertEqual(history.time_at(31), boot + 2)
+        self.assertEqual(history.time_at(55), boot + 62)
+        self.assertEqual(
+            history.time_marks(0, 60), [(0, boot), (30, boot + 2), (50, boot + 62)]
+        )
+        self.assertEqual(len(history.head_times), 3)
+
+    def test_marks_across_head_and_ring(self) -> None:
+        """A range from the head into the ring gets the head's marks, then the ring's."""
+        history = History(100, head_size=20)
+        boot = self.clock.seconds()
+        self.write(history, b"h" * 20)
+        for i in range(10):
+            self.write(history, b"r" * 20, after=1)
+        self.assertEqual(history.time_marks(10, 20), [(10, boot)])
+        self.assertEqual(history.time_marks(history.start, history.start + 1), [(history.start, boot + 6)])
+
+    def test_new_boot_new_head_marks(self) -> None:
+        """
+        A new boot's head keeps only its own marks, taken over from the ring as its
+        bytes leave it (each mark held once).
+        """
+        history = History(100, head_size=50)
+        self.write(history, b"old boot\n")
+        history.begin_boot()
+        offset = self.write(history, b"new boot\n", after=30)
+        booted = self.clock.seconds()
+        self.assertEqual(len(history.head_times), 0)  # still in the ring: its marks there
+        for _ in range(10):
+            self.write(history, b"w" * 30, after=1)
+        self.assertGreater(history.start, history.head_end)
+        self.assertEqual(history.head_times.marks(offset, history.head_end)[0], (offset, booted))
+        self.assertEqual(history.time_at(offset + 3), booted)
+        self.assertTrue(all(at >= offset for at, _ in history.head_times.marks(0, history.end)))
+
+    def test_head_partly_in_the_ring(self) -> None:
+        """A head partly out of the ring: its first bytes' times from the head, the rest from the ring."""
+        history = History(100, head_size=80)
+        boot = self.clock.seconds()
+        self.write(history, b"a" * 40)
+        self.write(history, b"b" * 40, after=5)
+        self.write(history, b"c" * 60, after=5)
+        self.assertEqual(history.start, 40)
+        self.assertEqual(history.time_marks(0, 80), [(0, boot), (40, boot + 5)])
+
+    def test_without_times(self) -> None:
+        """Appends without a time leave no marks, and no time is made up."""
+        history = _wrapped(100, b"abc")
+        self.assertIsNone(history.time_at(1))
+        self.assertEqual(history.time_marks(0, 3), [])
+
+    def test_cap_too_small(self) -> None:
+        """An index needs room for a few marks."""
+        self.assertRaises(ValueError, TimeIndex, 2)

@@ -11,6 +11,7 @@ import errno
 import os
 from typing import Sequence
 
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -371,3 +372,77 @@ class ConsoleStateMarkerTests(LogFileTestCase):
         self.assertEqual(lines[3], b"Linux version")
         self.assertRegex(lines[4].decode(), r"^\[-- console down: pty /dev/pts/4 hung up -- ")
         self.assertEqual(lines[5:], [b""])
+
+
+class MarkTests(SynchronousTestCase):
+    """--log-timestamps: a MARK line after N minutes of silence and when output resumes."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_796_349_600)  # 2026-12-04T02:00:00Z
+        self.multiplexer = Multiplexer(1000, clock=self.clock)
+        self.multiplexer.console_up(FakePty())
+        self.path = self.mktemp()
+
+    def make_sink(self, minutes: float) -> LogFileSink:
+        sink = LogFileSink(self.path, self.multiplexer, mark_after=minutes * 60, clock=self.clock)
+        self.addCleanup(sink.close, 1001, "test over")
+        sink.startService()
+        return sink
+
+    def test_silence_then_resume(self) -> None:
+        """
+        Output, 10 minutes of silence: one MARK, on a line of its own; output resumes: a
+        MARK with the time it resumed, then the output, untouched.
+        """
+        self.make_sink(10)
+        self.multiplexer.output_received(b"login: ")
+        self.clock.advance(9 * 60 + 59)
+        self.assertEqual(read(self.path), b"login: ")
+        self.clock.advance(1)
+        self.assertEqual(read(self.path), b"login: \r\n[-- MARK -- 2026-12-04T02:10:00Z --]\r\n")
+        self.clock.advance(3600)  # one mark per silence, not one per interval
+        self.multiplexer.output_received(b"root\r\n")
+        self.assertEqual(
+            read(self.path),
+            b"login: \r\n[-- MARK -- 2026-12-04T02:10:00Z --]\r\n"
+            b"[-- MARK -- 2026-12-04T03:10:00Z --]\r\nroot\r\n",
+        )
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_steady_output_no_mark(self) -> None:
+        """Output every few minutes never leaves 10 minutes of silence: no mark."""
+        self.make_sink(10)
+        for _ in range(20):
+            self.multiplexer.output_received(b"tick\n")
+            self.clock.advance(5 * 60)
+        self.assertEqual(read(self.path), b"tick\n" * 20)
+
+    def test_silence_from_the_start(self) -> None:
+        """A console silent since logging began gets its mark too."""
+        self.make_sink(1)
+        self.clock.advance(60)
+        self.assertEqual(read(self.path), b"[-- MARK -- 2026-12-04T02:01:00Z --]\r\n")
+
+    def test_off_by_default(self) -> None:
+        """Without --log-timestamps the log is the exact output, and nothing is scheduled."""
+        sink = LogFileSink(self.path, self.multiplexer, clock=self.clock)
+        self.addCleanup(sink.close, 1001, "test over")
+        sink.startService()
+        self.multiplexer.output_received(b"x")
+        self.clock.advance(86400)
+        self.multiplexer.output_received(b"y")
+        self.assertEqual((read(self.path), self.clock.getDelayedCalls()), (b"xy", []))
+
+    def test_changed_by_reload_and_cancelled_at_close(self) -> None:
+        """A reload can turn marks on and off; closing cancels the timer."""
+        sink = self.make_sink(0)
+        sink.set_mark_after(120)
+        self.clock.advance(120)
+        self.assertEqual(read(self.path), b"[-- MARK -- 2026-12-04T02:02:00Z --]\r\n")
+        sink.set_mark_after(0)
+        self.multiplexer.output_received(b"z")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        sink.set_mark_after(60)
+        sink.close(1001, "done")
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -23,6 +23,7 @@ from cloud_console.console.multiplexer import (
     CATCH_UP_STEP,
     CLOSE_CONSOLE_CLOSED,
     CLOSE_GOING_AWAY,
+    LINE_SEARCH,
     Attachment,
     Chunk,
     IConsoleClient,
@@ -951,6 +952,88 @@ class HeadReplayTests(SynchronousTestCase):
         attach(multiplexer, slow)
         self.assertEqual(slow.chunks[0].offset, 0)
         self.assertGreater(multiplexer.read_budget(), 0)
+
+
+class TailAtLineBoundaryTests(SynchronousTestCase):
+    """After a "not kept" line the replayed tail starts at a line, never inside one."""
+
+    def make(self, head_size: int = 5, lag_window: int = 100) -> Multiplexer:
+        multiplexer = Multiplexer(20, lag_window=lag_window, head_size=head_size)
+        multiplexer.console_up(FakePty())
+        return multiplexer
+
+    def test_tail_inside_an_escape_sequence(self) -> None:
+        """
+        The last 20 bytes begin inside C{ESC[m}: the tail starts after the first newline,
+        and the skip (and the download's marker) counts the bytes before it.
+        """
+        multiplexer = self.make()
+        data = b"HEAD." + b"x" * 40 + b"\x1b[1mred\x1b[m\r\nnext line\r\nmore\n"
+        multiplexer.output_received(data)
+        raw_start = len(data) - 20
+        self.assertEqual(data[raw_start : raw_start + 2], b"[m")
+        line = data.index(b"next")
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(client.skips, [(5, line)])
+        self.assertEqual(bytes(client.received), b"HEAD.next line\r\nmore\n")
+        self.assertEqual(
+            multiplexer.replay(), b"HEAD." + skip_marker(line - 5) + b"next line\r\nmore\n"
+        )
+
+    def test_tail_at_a_line_already(self) -> None:
+        """A tail whose previous byte is a newline starts where it is."""
+        multiplexer = self.make()
+        data = b"HEAD." + b"y" * 40 + b"\n" + b"z" * 10 + b"\n" + b"w" * 9
+        multiplexer.output_received(data)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(client.skips, [(5, len(data) - 20)])
+
+    def test_oldest_byte_of_the_ring(self) -> None:
+        """
+        When the tail is the ring's oldest byte, the byte before it is not held: the tail
+        still starts after the first newline.
+        """
+        multiplexer = self.make(lag_window=20)
+        data = b"HEAD." + b"y" * 40 + b"abc\ndef" + b"g" * 13
+        multiplexer.output_received(data)
+        self.assertEqual(multiplexer.history.start, len(data) - 20)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(bytes(client.received), b"HEAD." + b"def" + b"g" * 13)
+
+    def test_no_newline_within_the_search(self) -> None:
+        """A tail with no newline in its first LINE_SEARCH bytes is replayed as cut."""
+        multiplexer = Multiplexer(LINE_SEARCH + 10, lag_window=0, head_size=5)
+        multiplexer.console_up(FakePty())
+        data = b"HEAD." + b"q" * 100 + b"r" * (LINE_SEARCH + 1) + b"\n" + b"s" * 9
+        multiplexer.output_received(data)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(client.skips, [(5, len(data) - LINE_SEARCH - 10)])
+
+    def test_without_a_head_exactly_the_last_bytes(self) -> None:
+        """With --head-size 0 the replay is exactly the last history_size bytes."""
+        multiplexer = self.make(head_size=0)
+        data = b"x" * 40 + b"\x1b[1mred\x1b[m\r\nnext line\r\n"
+        multiplexer.output_received(data)
+        client = FakeClient()
+        attach(multiplexer, client)
+        self.assertEqual(bytes(client.received), data[-20:])
+        self.assertEqual(multiplexer.replay(), data[-20:])
+
+    def test_head_reader_skips_to_the_line(self) -> None:
+        """A client reading the head when the tail moved on skips to the aligned tail."""
+        multiplexer = self.make()
+        multiplexer.output_received(b"HEAD.")
+        client = FakeClient()
+        client.attachment = multiplexer.attach(client, start=False)
+        client.attachment.pause("transport")
+        multiplexer.start(client.attachment)
+        multiplexer.output_received(b"x" * 40 + b"\x1b[1mred\x1b[m\r\nnext line\r\n")
+        client.drain()
+        self.assertEqual(bytes(client.received), b"HEAD.next line\r\n")
 
 
 class ConsoleLostTests(SynchronousTestCase):

@@ -208,6 +208,21 @@ class BuildServiceTests(SynchronousTestCase):
         console = build_service(parse("--pty", self.path, "--head-size", "123"), self.reactor)
         self.assertEqual(console.multiplexer.history.head_size, 123)
 
+    def test_log_timestamps_reach_the_log_file(self) -> None:
+        """
+        --log-timestamps MINUTES gives the log file its silence (in seconds); off by
+        default; negative or not a number is a usage error.
+        """
+        log = self.mktemp()
+        console = build_service(
+            parse("--pty", self.path, "--log-file", log, "--log-timestamps", "1.5"), self.reactor
+        )
+        assert console.log_sink is not None
+        self.assertEqual(console.log_sink.mark_after, 90)
+        self.assertEqual(parse("--pty", self.path)["log-timestamps"], 0)
+        self.assertRaises(UsageError, parse, "--pty", self.path, "--log-timestamps", "-1")
+        self.assertRaises(UsageError, parse, "--pty", self.path, "--log-timestamps", "soon")
+
     def test_bad_pty(self) -> None:
         """A pty that cannot be opened is a StartupError naming it."""
         e = self.assertRaises(StartupError, build_service, parse("--pty", "/dev/null"), self.reactor)

@@ -34,8 +34,10 @@ def v1_data(frames: list[Frame]) -> list[tuple[int, bytes]]:
     ]
 
 
-def v1_events(frames: list[Frame]) -> list[dict[str, Any]]:
-    return [f.json() for f in frames if f.opcode == OP_TEXT]
+def v1_events(frames: list[Frame], times: bool = False) -> list[dict[str, Any]]:
+    """The v1 status events, without the C{times} ones unless asked."""
+    events = [f.json() for f in frames if f.opcode == OP_TEXT]
+    return events if times else [e for e in events if e["type"] != "times"]
 
 
 class SiteTestCase(SynchronousTestCase):
@@ -513,6 +515,7 @@ class HeadAndConsoleStateTests(SynchronousTestCase):
         client = self.client(protocols=[SUBPROTOCOL_V1])
         frames = client.frames()
         self.assertEqual(frames[0].json()["offset"], 0)
+        frames = [f for f in frames if f.opcode != OP_TEXT or f.json()["type"] != "times"]
         kinds = [(f.json()["type"] if f.opcode == OP_TEXT else "binary") for f in frames[1:]]
         self.assertEqual(kinds[-3:], ["binary", "skip", "binary"])
         head, skip, tail = frames[-3:]
@@ -549,7 +552,8 @@ class HeadAndConsoleStateTests(SynchronousTestCase):
         [event] = v1_events(client.frames())
         self.assertEqual((event["state"], event["reason"]), ("up", "opened pty /dev/pts/4"))
         self.multiplexer.output_received(b"back")
-        [frame] = client.frames()
+        [times, frame] = client.frames()
+        self.assertEqual(times.json()["type"], "times")
         self.assertEqual(frame.payload, struct.pack("!Q", 0) + b"back")
 
     def test_down_message_right_after_hello(self) -> None:
@@ -589,3 +593,90 @@ class WriteNowTests(SiteTestCase):
         self.multiplexer.output_received(b"z")
         self.assertEqual(calls, [1])
         self.assertEqual(client.output(), b"x" + b"y" * (INTERACTIVE_OUTPUT + 1) + b"z")
+
+
+class _TimesCase(SiteTestCase):
+    """A console on the memory reactor's clock."""
+
+    head_size = 0
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.multiplexer = Multiplexer(
+            50, clock=self.reactor, lag_window=100, head_size=self.head_size
+        )
+        self.multiplexer.console_up(self.pty)
+        self.site, self.factory = build_site(self.multiplexer, self.settings, self.mktemp())
+        self.site.reactor = self.reactor
+        self.reactor.advance(1_800_000_000)
+
+    def kinds(self, frames: list[Frame]) -> list[Any]:
+        """Each frame as its event (text) or its (offset, bytes) (output)."""
+        return [
+            f.json() if f.opcode == OP_TEXT else v1_data([f])[0]
+            for f in frames
+            if f.opcode == OP_BINARY or (f.opcode == OP_TEXT and f.json()["type"] in ("times", "skip"))
+        ]
+
+
+class TimesTests(_TimesCase):
+    """v1 clients learn when the bytes arrived: C{times} messages before the output."""
+
+    def test_history_times_then_live(self) -> None:
+        """
+        The history comes after the marks of its reads; live output brings a new mark
+        only when it is a new one (reads within 100 ms share one).
+        """
+        t0 = self.reactor.seconds()
+        self.multiplexer.output_received(b"first\r\n")
+        self.reactor.advance(2.5)
+        self.multiplexer.output_received(b"second\r\n")
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        self.assertEqual(
+            self.kinds(client.frames()),
+            [
+                {"type": "times", "marks": [[0, t0], [7, t0 + 2.5]]},
+                (0, b"first\r\nsecond\r\n"),
+            ],
+        )
+        self.reactor.advance(60)
+        self.multiplexer.output_received(b"a")
+        self.reactor.advance(0.05)
+        self.multiplexer.output_received(b"b")
+        self.assertEqual(
+            self.kinds(client.frames()),
+            [{"type": "times", "marks": [[15, t0 + 62.5]]}, (15, b"a"), (16, b"b")],
+        )
+
+    def test_resume_gets_the_covering_mark(self) -> None:
+        """A client resuming mid-read learns the time of its first byte."""
+        t0 = self.reactor.seconds()
+        self.multiplexer.output_received(b"0123456789")
+        session = self.multiplexer.session
+        client = self.client(protocols=[SUBPROTOCOL_V1], path=f"/ws?from=4&session={session}")
+        self.assertEqual(
+            self.kinds(client.frames()),
+            [{"type": "times", "marks": [[4, t0]]}, (4, b"456789")],
+        )
+
+
+class HeadTimesTests(_TimesCase):
+    """The head's times, kept apart from the ring's."""
+
+    head_size = 10
+
+    def test_head_and_tail_times(self) -> None:
+        """The head's bytes keep their times after the ring moved on; the tail has its own."""
+        t0 = self.reactor.seconds()
+        self.multiplexer.output_received(b"HEAD......\n")
+        for _ in range(30):
+            self.reactor.advance(10)
+            self.multiplexer.output_received(b"x" * 9 + b"\n")
+        client = self.client(protocols=[SUBPROTOCOL_V1])
+        frames = self.kinds(client.frames())
+        self.assertEqual(frames[0], {"type": "times", "marks": [[0, t0]]})
+        self.assertEqual(frames[1], (0, b"HEAD......"))
+        self.assertEqual(frames[2]["type"], "skip")
+        tail_start = frames[2]["to"]
+        self.assertEqual(frames[3]["marks"][0], [tail_start, self.multiplexer.history.time_at(tail_start)])
+        self.assertEqual(frames[3]["marks"][-1], [self.multiplexer.history.end - 10, t0 + 300])

@@ -153,8 +153,8 @@ class Console(MultiService):
     def apply(self, spec: ConsoleSpec) -> None:
         """
         A reload changed this console's settings but not its source: apply them in place
-        (title, read-only, replayed history size, head size); its clients, history and
-        offsets stay.
+        (title, read-only, replayed history size, head size, log marks); its clients,
+        history and offsets stay.
         """
         self.spec = spec
         multiplexer = self.multiplexer
@@ -170,6 +170,8 @@ class Console(MultiService):
                 ring=multiplexer.history.capacity,
             )
         multiplexer.history.head_size = spec.head_size
+        if self.log_sink is not None:
+            self.log_sink.set_mark_after(spec.log_timestamps * 60)
 
     def remove(self, reason: str) -> None:
         """
@@ -212,5 +214,9 @@ def build_console(
         reopen=spec.reopen,
         run_blocking=run_blocking,
     )
-    sink = LogFileSink(spec.log_file, multiplexer) if spec.log_file else None
+    sink = None
+    if spec.log_file:
+        sink = LogFileSink(
+            spec.log_file, multiplexer, mark_after=spec.log_timestamps * 60, clock=reactor
+        )
     return Console(spec, multiplexer, follower, sink)

@@ -17,13 +17,150 @@ Memory follows what was written, not the caps: the ring's buffer grows (by doubl
 it is full, and the head is copied out of the ring only when the ring is about to
 overwrite it, so a console that printed 20 kB holds 20 kB.
 
-No Twisted here: this module is pure logic, tested against a plain C{bytes} model.
+When each byte arrived is kept too, sparsely (L{TimeIndex}): one mark per read, merged to
+at most one per L{TIME_RESOLUTION}, a capped number per console, the ring's marks let go
+with the ring's bytes and the head's kept with the head. Nothing per byte.
+
+No Twisted here: this module is pure logic, tested against a plain C{bytes} model; the
+caller passes the time.
 """
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_right
+
 #: The ring's first allocation; it doubles from there up to its capacity.
 INITIAL_ALLOCATION = 4096
+
+#: Reads closer in time than this (seconds) share one time mark: the first one's.
+TIME_RESOLUTION = 0.1
+
+#: Time marks kept for the ring, per console (16 bytes each: 64 KiB at most).
+RING_MARKS = 4096
+
+#: Time marks kept for the boot's head once its bytes left the ring (16 KiB at most).
+HEAD_MARKS = 1024
+
+
+class TimeIndex:
+    """
+    When bytes arrived, sparsely: marks (offset, time), each saying that the bytes from its
+    offset up to the next mark's arrived at its time (to within L{TIME_RESOLUTION}, the
+    reads merged into it arriving no earlier).
+
+    At most C{cap} marks are kept: when full, the half whose times are closest to their
+    predecessor's go (their bytes then take the predecessor's time), so a burst after a
+    long silence keeps its own time and only close marks are coarsened. The first and
+    newest marks always stay.
+    """
+
+    __slots__ = ("cap", "_offsets", "_times", "_first")
+
+    def __init__(self, cap: int) -> None:
+        if cap < 4:
+            raise ValueError(f"a time index needs room for 4 marks at least, not {cap}")
+        self.cap = cap
+        self._offsets = array("q")
+        self._times = array("d")
+        #: Marks before this index are let go (compacted lazily).
+        self._first = 0
+
+    def __len__(self) -> int:
+        """How many marks are kept."""
+        return len(self._offsets) - self._first
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of memory the marks take (the arrays' items, not their headers)."""
+        return len(self._offsets) * 16
+
+    @property
+    def last_offset(self) -> int:
+        """Offset of the newest mark (-1 if none)."""
+        return self._offsets[-1] if len(self) else -1
+
+    def mark(self, offset: int, time: float) -> None:
+        """Bytes from C{offset} on arrived at C{time}, unless the newest mark is that recent."""
+        times = self._times
+        if len(self) and 0 <= time - times[-1] < TIME_RESOLUTION:
+            return
+        self._offsets.append(offset)
+        times.append(time)
+        if len(self) > self.cap:
+            self._thin()
+
+    def _thin(self) -> None:
+        """Keep half the cap: drop the marks closest in time to the mark before them."""
+        offsets = self._offsets[self._first :]
+        times = self._times[self._first :]
+        count = len(offsets)
+        drop = set(
+            sorted(range(1, count - 1), key=lambda i: times[i] - times[i - 1])[
+                : count - self.cap // 2
+            ]
+        )
+        keep = [i for i in range(count) if i not in drop]
+        self._offsets = array("q", [offsets[i] for i in keep])
+        self._times = array("d", [times[i] for i in keep])
+        self._first = 0
+
+    def keep(self, offset: int, time: float) -> None:
+        """Add a mark as it is (no merging), unless one at C{offset} or later is kept."""
+        if len(self) and self._offsets[-1] >= offset:
+            return
+        self._offsets.append(offset)
+        self._times.append(time)
+        if len(self) > self.cap:
+            self._thin()
+
+    def evict(
+        self, start: int, head: TimeIndex | None = None, head_start: int = 0, head_limit: int = 0
+    ) -> None:
+        """
+        Bytes before C{start} are gone: let their marks go, but the one that covers
+        C{start}. Marks of the head's bytes [head_start, head_limit) go to C{head}
+        instead, so a mark is held once: by the ring while its bytes are there, then by
+        the head.
+        """
+        offsets = self._offsets
+        first, count = self._first, len(offsets)
+        while first + 1 < count and offsets[first + 1] <= start:
+            if head is not None and offsets[first + 1] > head_start and offsets[first] < head_limit:
+                head.keep(max(offsets[first], head_start), self._times[first])
+            first += 1
+        if head is not None and first < count and head_start <= start:
+            covering = offsets[first]
+            if covering < head_limit and covering < start:
+                # Its first bytes left the ring and some are the head's.
+                head.keep(max(covering, head_start), self._times[first])
+        if first > 64 and first * 2 > count:
+            del offsets[:first]
+            del self._times[:first]
+            first = 0
+        self._first = first
+
+    def time_at(self, offset: int) -> float | None:
+        """When the byte at C{offset} arrived, if a mark covers it."""
+        at = bisect_right(self._offsets, offset, self._first) - 1
+        return self._times[at] if at >= self._first else None
+
+    def marks(self, start: int, end: int) -> list[tuple[int, float]]:
+        """
+        The marks for the bytes [start, end): the one covering C{start} (given at
+        C{start}), then every one inside.
+        """
+        offsets, times, first = self._offsets, self._times, self._first
+        at = bisect_right(offsets, start, first) - 1
+        found: list[tuple[int, float]] = []
+        if at >= first:
+            found.append((start, times[at]))
+        at = max(at + 1, first)
+        count = len(offsets)
+        while at < count and offsets[at] < end:
+            found.append((offsets[at], times[at]))
+            at += 1
+        return found
 
 
 class OffsetTooOld(LookupError):
@@ -63,6 +200,10 @@ class History:
         self.head_start = 0
         #: Head bytes copied out of the ring: [head_start, head_start + len(_head)).
         self._head = bytearray()
+        #: When the ring's bytes arrived (marks let go with the bytes).
+        self.times = TimeIndex(RING_MARKS)
+        #: When the head's bytes arrived (kept as long as the head).
+        self.head_times = TimeIndex(HEAD_MARKS)
 
     @property
     def end(self) -> int:
@@ -93,8 +234,13 @@ class History:
 
     @property
     def allocated(self) -> int:
-        """Bytes of memory the history's buffers take."""
-        return len(self._ring) + len(self._head)
+        """Bytes of memory the history's buffers take (bytes and time marks)."""
+        return len(self._ring) + len(self._head) + self.times_allocated
+
+    @property
+    def times_allocated(self) -> int:
+        """Bytes of memory the time marks take."""
+        return self.times.allocated + self.head_times.allocated
 
     def begin_boot(self) -> None:
         """
@@ -103,6 +249,7 @@ class History:
         """
         self.head_start = self._end
         self._head = bytearray()
+        self.head_times = TimeIndex(HEAD_MARKS)
 
     def holds(self, offset: int) -> bool:
         """Whether the byte at C{offset} is held (in the head or the ring)."""
@@ -119,9 +266,10 @@ class History:
             following = min(following, self.head_start)
         return following
 
-    def append(self, data: bytes | bytearray | memoryview) -> None:
+    def append(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
         """
-        Add output at the end, overwriting the oldest bytes once the ring is full.
+        Add output at the end, overwriting the oldest bytes once the ring is full; with
+        C{now}, mark that it arrived then.
 
         A write larger than the ring keeps only its last C{capacity} bytes (and, for the
         head, whatever of its front the head still wants).
@@ -130,6 +278,15 @@ class History:
         if size == 0:
             return
         capacity = self.capacity
+        if now is not None:
+            self.times.mark(self._end, now)
+        new_start = self._end + size - capacity
+        if new_start > 0:
+            limit = self.head_start + self.head_size
+            if self.head_size and new_start > self.head_start:
+                self.times.evict(new_start, self.head_times, self.head_start, limit)
+            else:
+                self.times.evict(new_start)
         src = memoryview(data)
         self._keep_head(src)
         self._make_room(self._end + size)
@@ -215,6 +372,26 @@ class History:
         if first == size:
             return [view[position : position + size]]
         return [view[position:], view[: size - first]]
+
+    def time_marks(self, start: int, end: int) -> list[tuple[int, float]]:
+        """
+        When the held bytes [start, end) arrived: marks (offset, time), the first at
+        C{start} (if any mark covers it), each standing until the next.
+        """
+        ring_start = self.start
+        if start >= ring_start:
+            return self.times.marks(start, end)
+        # The head's bytes that left the ring have their marks in the head's index;
+        # those still in the ring, in the ring's.
+        marks = self.head_times.marks(start, min(end, self.head_end, ring_start))
+        if end > ring_start:
+            marks += self.times.marks(ring_start, end)
+        return marks
+
+    def time_at(self, offset: int) -> float | None:
+        """When the held byte at C{offset} arrived (C{None} if unknown)."""
+        marks = self.time_marks(offset, offset + 1)
+        return marks[0][1] if marks else None
 
     def read_from(self, offset: int, limit: int | None = None) -> bytes:
         """The bytes from C{offset} on, as one C{bytes} (a copy; see L{slices_from})."""

@@ -10,6 +10,9 @@ carries on; the bytes it missed stay in the history.
 When the console goes down and comes back (C{--reopen}), one timestamped marker line
 goes in the file for each, in conserver's style (C{[-- console down: ... -- TIME --]}):
 the file tells the whole story while the clients' byte stream stays the guest's alone.
+With C{--log-timestamps MINUTES}, a mark line (C{[-- MARK -- TIME --]}) goes in after
+that many minutes of silence, and another when output resumes after it, so a log read
+later says when things happened.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import os
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer
+from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer, iso_time
 
 
 class LogFileError(Exception):
@@ -46,7 +50,17 @@ class LogFileSink(Service):
 
     _log = Logger()
 
-    def __init__(self, path: str, multiplexer: Multiplexer) -> None:
+    def __init__(
+        self,
+        path: str,
+        multiplexer: Multiplexer,
+        mark_after: float = 0.0,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """
+        @param mark_after: seconds of silence after which a MARK line is written (0:
+            never); needs C{clock}.
+        """
         self.path = path
         self.multiplexer = multiplexer
         self._fd = _open_for_append(path)
@@ -56,6 +70,13 @@ class LogFileSink(Service):
         self.bytes_written = 0
         self.bytes_lost = 0
         self._at_line_start = True
+        self.clock = clock
+        self.mark_after = mark_after if clock is not None else 0.0
+        #: When the guest last wrote (or logging began), on C{clock}.
+        self._last_output = 0.0
+        #: Whether a silence was marked: the next output gets a mark of its own first.
+        self._silence_marked = False
+        self._mark_call: IDelayedCall | None = None
 
     def startService(self) -> None:
         Service.startService(self)
@@ -65,6 +86,49 @@ class LogFileSink(Service):
             self, from_offset=self.multiplexer.history.end, viewer=False
         )
         self._log.info("logging console output to {path}", path=self.path)
+        if self.clock is not None:
+            self._last_output = self.clock.seconds()
+        self._watch_silence()
+
+    def set_mark_after(self, seconds: float) -> None:
+        """Change the silence that gets a MARK line (a reload); 0 turns marks off."""
+        if self.clock is None:
+            return
+        if self.mark_after <= 0:
+            self._last_output = self.clock.seconds()  # not tracked while marks were off
+        self.mark_after = seconds
+        self._cancel_mark()
+        if self.running:
+            self._watch_silence()
+
+    def _watch_silence(self) -> None:
+        """Wake up when the silence would be C{mark_after} long (if it still is then)."""
+        if self.clock is None or self.mark_after <= 0 or self._mark_call is not None:
+            return
+        if self._silence_marked or self._fd < 0:
+            return
+        delay = self._last_output + self.mark_after - self.clock.seconds()
+        self._mark_call = self.clock.callLater(max(delay, 0.0), self._silence_check)
+
+    def _silence_check(self) -> None:
+        """Still silent that long: mark it; else wait for the rest of the new silence."""
+        self._mark_call = None
+        assert self.clock is not None
+        now = self.clock.seconds()
+        if now - self._last_output >= self.mark_after:
+            self._mark(now)
+            self._silence_marked = True
+        else:
+            self._watch_silence()
+
+    def _mark(self, when: float) -> None:
+        """A conserver-style MARK line, on a line of its own."""
+        self._line(f"[-- MARK -- {iso_time(when)} --]")
+
+    def _cancel_mark(self) -> None:
+        call, self._mark_call = self._mark_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def stopService(self) -> None:
         """
@@ -74,6 +138,7 @@ class LogFileSink(Service):
         handshakes is logged too.
         """
         Service.stopService(self)
+        self._cancel_mark()
         if not self.multiplexer.stopping:
             self._close_file()
 
@@ -95,6 +160,13 @@ class LogFileSink(Service):
     # IConsoleClient
 
     def output(self, chunk: Chunk) -> None:
+        if self.mark_after > 0:
+            assert self.clock is not None
+            self._last_output = now = self.clock.seconds()
+            if self._silence_marked:
+                self._silence_marked = False
+                self._mark(now)
+            self._watch_silence()
         if self._write(chunk.data):
             self._at_line_start = chunk.data.endswith(b"\n")
 
@@ -146,7 +218,11 @@ class LogFileSink(Service):
     def console_state(self, up: bool, reason: str, since: str) -> None:
         """One marker line, on a line of its own, per console down and up."""
         state = "up" if up else "down"
-        line = f"[-- console {state}: {reason} -- {since} --]\r\n".encode("utf-8", "replace")
+        self._line(f"[-- console {state}: {reason} -- {since} --]")
+
+    def _line(self, text: str) -> None:
+        """A marker line of our own, on a line of its own."""
+        line = (text + "\r\n").encode("utf-8", "replace")
         if not self._at_line_start:
             line = b"\r\n" + line
         if self._write(line):
@@ -157,6 +233,7 @@ class LogFileSink(Service):
         return succeed(None)
 
     def _close_file(self) -> None:
+        self._cancel_mark()
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None

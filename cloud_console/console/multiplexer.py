@@ -41,6 +41,8 @@ from .pacing import ReadPacer
 #: before it buffers much more than its limit.
 CATCH_UP_STEP = 64 * 1024
 
+#: How far into the replayed tail a line boundary is looked for, after a "not kept" line.
+LINE_SEARCH = 4096
 
 
 def iso_time(seconds: float) -> str:
@@ -269,6 +271,10 @@ class Multiplexer(Service):
     def _seconds(self) -> float:
         return self.clock.seconds() if self.clock is not None else time.time()
 
+    def seconds(self) -> float:
+        """Now, on this console's clock (seconds since the epoch)."""
+        return self._seconds()
+
     def _now(self) -> str:
         return iso_time(self._seconds())
 
@@ -276,9 +282,25 @@ class Multiplexer(Service):
 
     @property
     def tail_start(self) -> int:
-        """Offset of the oldest byte of the replayed tail (the last history_size)."""
+        """
+        Offset of the oldest byte of the replayed tail: the last history_size bytes, or,
+        after a "not kept" line, from the first line boundary in them.
+
+        A tail cut at a byte count starts inside a line, often inside an escape sequence
+        (the page showed C{[m} under the "not kept" line): when the byte before the tail
+        is not a newline (or is not held), the tail starts after the first newline within
+        its first L{LINE_SEARCH} bytes, which the "not kept" line then counts. Without a
+        head there is no such line and the replay stays exactly the last history_size
+        bytes, the original tool's contract.
+        """
         history = self.history
-        return max(history.start, history.end - self.replay_size)
+        start = max(history.start, history.end - self.replay_size)
+        if not history.head_start < history.head_end < start:
+            return start
+        if start > history.start and history.read_from(start - 1, 1) == b"\n":
+            return start
+        newline = history.read_from(start, LINE_SEARCH).find(b"\n")
+        return start if newline < 0 else start + newline + 1
 
     @property
     def replay_start(self) -> int:
@@ -306,11 +328,23 @@ class Multiplexer(Service):
         The history a new client gets, oldest first, as one file: the head, a marker
         line for the bytes skipped, the tail.
         """
+        runs, skipped = self.replay_runs()
+        if len(runs) == 1:
+            return runs[0][1]
+        return runs[0][1] + skip_marker(skipped) + runs[1][1]
+
+    def replay_runs(self) -> tuple[list[tuple[int, bytes]], int]:
+        """
+        The history a new client gets as runs (offset, bytes): the head and the tail,
+        with how many bytes between them are not sent; or the one run, and 0.
+        """
+        history = self.history
         skipped = self.replay_skip
         if skipped is None:
-            return self.history.read_from(self.replay_start)
-        head = self.history.head()
-        return head + skip_marker(skipped[1] - skipped[0]) + self.history.read_from(skipped[1])
+            start = self.replay_start
+            return [(start, history.read_from(start))], 0
+        tail = (skipped[1], history.read_from(skipped[1]))
+        return [(history.head_start, history.head()), tail], skipped[1] - skipped[0]
 
     # -- the console side ------------------------------------------------------------
 
@@ -419,9 +453,9 @@ class Multiplexer(Service):
         """
         if not data:
             return
-        self.last_output_at = self._seconds()
+        now = self.last_output_at = self._seconds()
         chunk = Chunk(self.history.end, data)
-        self.history.append(data)
+        self.history.append(data, now)
         end = chunk.end
         for attachment in list(self._attachments):
             if attachment.paused or not attachment.attached:

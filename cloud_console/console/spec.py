@@ -26,4 +26,6 @@ class ConsoleSpec:
     read_only: bool = False
     reopen: bool = True  # multi-console mode: True unless the source is a bare /dev/pts/N
     raw: bool = True
+    #: Minutes of silence after which the log file gets a MARK line (0: never).
+    log_timestamps: float = 0.0
     origin: str = "command line"  # "command line" | "config" | "directory"

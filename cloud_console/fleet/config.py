@@ -44,7 +44,16 @@ NAME_RULE = (
 
 
 #: The keys a C{[console.NAME]} table may hold, in the order error messages list them.
-CONSOLE_KEYS = ("source", "title", "log-file", "history-size", "head-size", "read-only", "reopen")
+CONSOLE_KEYS = (
+    "source",
+    "title",
+    "log-file",
+    "history-size",
+    "head-size",
+    "read-only",
+    "reopen",
+    "log-timestamps",
+)
 
 
 class ConfigError(Exception):
@@ -143,6 +152,7 @@ def spec_defaults(defaults: Mapping[str, Any], name: str) -> dict[str, Any]:
     for key, field in (
         ("history-size", "history_size"),
         ("head-size", "head_size"),
+        ("log-timestamps", "log_timestamps"),
         ("read-only", "read_only"),
         ("raw", "raw"),
     ):
@@ -162,7 +172,8 @@ def load_config(path: str, defaults: Mapping[str, Any]) -> list[ConsoleSpec]:
     Keys: C{source} (required), C{title} (text), C{log-file} (a path, as given: relative
     to the working directory, like C{--log-file}), C{history-size} (a whole number above
     0), C{head-size} (a whole number, 0 or more), C{read-only} and C{reopen} (true or
-    false). What a table leaves out comes from C{defaults} (see L{spec_defaults}); a
+    false), C{log-timestamps} (minutes of silence before a MARK line in the log, 0 for
+    never). What a table leaves out comes from C{defaults} (see L{spec_defaults}); a
     table's C{log-file} wins over C{log-dir}.
 
     Unknown keys are errors (a typo must not be silently ignored), as are top-level keys
@@ -294,6 +305,9 @@ class _Reader:
              "a whole number, 0 or more"),
             ("read-only", "read_only", lambda v: isinstance(v, bool), "true or false"),
             ("reopen", "reopen", lambda v: isinstance(v, bool), "true or false"),
+            ("log-timestamps", "log_timestamps",
+             lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+             "a number of minutes, 0 (never) or more"),
         ]
         for key, field, check, expected in checks:
             if key in table:

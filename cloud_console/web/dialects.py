@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from ..console.history import History
 from ..console.multiplexer import CLOSE_LAGGING, Attachment, Chunk, Multiplexer, skip_marker
 
 
@@ -119,6 +120,10 @@ class V1Dialect:
         self.resume_session = resume_session
         self.acked = 0
         self.skipped: list[tuple[int, int]] = []
+        #: The page has been told when the bytes before this offset arrived...
+        self._timed_to = -1
+        #: ...the last of them at this time.
+        self._last_time = -1.0
 
     def start(self, multiplexer: Multiplexer) -> int | None:
         """
@@ -212,10 +217,29 @@ class V1Dialect:
     def output(self, chunk: Chunk) -> None:
         connection = self.connection
         factory = connection.factory
+        self._send_times(factory.multiplexer.history, chunk)
         connection.sendPreparedMessage(chunk.framed("v1", factory.frame_v1))
         attachment = connection.attachment
         if attachment is not None and self.unacknowledged(attachment) > factory.settings.ack_window:
             attachment.pause("acks")
+
+    def _send_times(self, history: History, chunk: Chunk) -> None:
+        """
+        Before output, the marks saying when its bytes arrived (a C{times} message), the
+        ones the page has not had yet. Live output usually has none new (one mark per
+        100 ms at most): that costs two comparisons.
+        """
+        offset = chunk.offset
+        if offset == self._timed_to and history.start <= offset > history.times.last_offset:
+            self._timed_to = chunk.end
+            return
+        marks = history.time_marks(offset, chunk.end)
+        if marks and offset == self._timed_to and marks[0][1] == self._last_time:
+            del marks[0]
+        self._timed_to = chunk.end
+        if marks:
+            self._last_time = marks[-1][1]
+            self.event("times", marks=[[at, round(seconds, 3)] for at, seconds in marks])
 
     def gap(self, lost_from: int, lost_to: int, reason: str) -> bool:
         """

@@ -22,6 +22,7 @@ from twisted.web.server import GzipEncoderFactory, Request, Site
 
 from ..access.policy import Access
 from ..console.console import Console, ConsoleStatus
+from ..console.export import asciicast, plain_text
 from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
 from .gate import AuthGate, access_of, build_gate
@@ -135,10 +136,57 @@ class HistoryDownload(resource.Resource):
         self.multiplexer = multiplexer
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/octet-stream")
-        request.setHeader(b"content-disposition", b'attachment; filename="console.log"')
+        """
+        C{?format=raw} (the default: the bytes as kept), C{asciicast} (v2, with the
+        true arrival times; C{width} and C{height} say the terminal's size, 80x24
+        unless given) or C{text} (escape sequences removed).
+        """
+        args = request.args or {}
+        kind = args.get(b"format", [b"raw"])[0]
+        multiplexer = self.multiplexer
         request.setHeader(b"cache-control", b"no-store")
-        return self.multiplexer.replay()
+        if kind == b"raw":
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-disposition", b'attachment; filename="console.log"')
+            return multiplexer.replay()
+        if kind == b"text":
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"content-disposition", b'attachment; filename="console.txt"')
+            return plain_text(multiplexer.replay())
+        if kind == b"asciicast":
+            try:
+                width = _size(args, b"width", 80)
+                height = _size(args, b"height", 24)
+            except ValueError as e:
+                return _bad_request(request, str(e))
+            runs, skipped = multiplexer.replay_runs()
+            body = asciicast(
+                multiplexer.history, runs, skipped, width, height, multiplexer.seconds()
+            )
+            request.setHeader(b"content-type", b"application/x-asciicast")
+            request.setHeader(b"content-disposition", b'attachment; filename="console.cast"')
+            return body
+        return _bad_request(request, "format must be raw, asciicast or text")
+
+
+def _size(args: dict[bytes, list[bytes]], name: bytes, default: int) -> int:
+    """A terminal dimension from the query: a whole number from 1 to 1000."""
+    values = args.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise ValueError(f"{name.decode()} must be a whole number from 1 to 1000")
+    return value
+
+
+def _bad_request(request: Request, message: str) -> bytes:
+    request.setResponseCode(400)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return (message + "\n").encode("utf-8")
 
 
 class MissingFrontend(resource.Resource):

@@ -45,6 +45,7 @@ export class ConsoleConnection {
     this.closedReason = null;
     this.readOnly = false;
     this.skips = 0;          // skip lines printed
+    this.marks = [];         // [offset, seconds]: when output from offset on arrived
     this.lastSkip = null;
     this.lastDiscard = null; // last input-discarded: {bytes, reason}
     // The VM's console as the server last said; 'up' until told otherwise (older
@@ -117,6 +118,7 @@ export class ConsoleConnection {
         this.onSkip(message);
         break;
       case 'clients': this.listener.clients(message.count); break;
+      case 'times': this.onTimes(message); break;
       case 'closed':
         this.closedReason = bareReason(message.reason);
         this.emitState('closed');
@@ -131,6 +133,47 @@ export class ConsoleConnection {
         break;
       default: break; // newer servers may say more
     }
+  }
+
+  /**
+   * When output arrived: marks [offset, seconds], each standing until the next,
+   * sent before the output they cover (a resume may repeat some).
+   */
+  onTimes(message) {
+    if (!Array.isArray(message.marks)) return;
+    let sorted = true;
+    for (const mark of message.marks) {
+      if (!Array.isArray(mark) || !Number.isSafeInteger(mark[0]) || typeof mark[1] !== 'number') continue;
+      const last = this.marks[this.marks.length - 1];
+      if (last && mark[0] <= last[0]) sorted = false;
+      this.marks.push([mark[0], mark[1]]);
+    }
+    if (!sorted) this.marks.sort((a, b) => a[0] - b[0]);
+  }
+
+  /** `bytes` starting at `start`, cut where their arrival time changes: [{bytes, time}]. */
+  timedPieces(start, bytes) {
+    const marks = this.marks;
+    while (marks.length > 1 && marks[1][0] <= start) marks.shift();
+    const end = start + bytes.length;
+    let index = 0;
+    let time = null;
+    if (marks.length && marks[0][0] <= start) {
+      time = marks[0][1];
+      index = 1;
+    }
+    const pieces = [];
+    let at = 0;
+    for (; index < marks.length && marks[index][0] < end; index += 1) {
+      const cut = marks[index][0] - start;
+      if (cut > at) {
+        pieces.push({ bytes: bytes.subarray(at, cut), time });
+        at = cut;
+      }
+      time = marks[index][1];
+    }
+    pieces.push({ bytes: at ? bytes.subarray(at) : bytes, time });
+    return pieces;
   }
 
   /** The VM's console went down (the server retries it) or came back. */
@@ -247,9 +290,14 @@ export class ConsoleConnection {
     if (bytes.length === 0) return;
     this.next = end;
     this.freshReset = false;
-    this.pending += 1;
     const generation = this.generation;
-    this.sink.write(bytes, () => this.onRendered(end, generation));
+    let pieceEnd = end - bytes.length;
+    for (const piece of this.timedPieces(pieceEnd, bytes)) {
+      pieceEnd += piece.bytes.length;
+      const rendered = pieceEnd;
+      this.pending += 1;
+      this.sink.write(piece.bytes, () => this.onRendered(rendered, generation), piece.time);
+    }
   }
 
   onRendered(end, generation) {

@@ -5,6 +5,10 @@ import { ConsoleConnection } from './connection.js';
 import { StatusBar } from './statusbar.js';
 import { createTerminal, fontReady, terminalSink } from './terminal.js';
 import { formatBytes } from './protocol.js';
+import { SearchBox } from './search.js';
+import { LineTimes, localStamp, parseMoment, shortStamp, utcStamp } from './times.js';
+
+const EXTENSIONS = { raw: 'log', asciicast: 'cast', text: 'txt' };
 
 const encoder = new TextEncoder();
 
@@ -13,17 +17,19 @@ function describeGap({ reason, lost }) {
   return lost === null || lost === undefined ? `gap (${reason})` : `gap of ${lost} bytes (${reason})`;
 }
 
-/** Fetch the server's history and save it as a file. */
-async function downloadLog(status) {
+/** Fetch the server's history (raw, asciicast or text) and save it as a file. */
+async function downloadLog(status, format, term) {
   try {
-    const response = await fetch('history', { cache: 'no-store' });
+    const query = format === 'raw' ? ''
+      : `?format=${format}` + (format === 'asciicast' ? `&width=${term.cols}&height=${term.rows}` : '');
+    const response = await fetch(`history${query}`, { cache: 'no-store' });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const blob = await response.blob();
     const name = (document.title || 'console').replace(/[^\w.-]+/g, '_');
     const stamp = new Date().toISOString().replace(/[:.]/g, '-');
     const link = document.createElement('a');
     link.href = URL.createObjectURL(blob);
-    link.download = `${name}-${stamp}.log`;
+    link.download = `${name}-${stamp}.${EXTENSIONS[format] ?? 'log'}`;
     document.body.append(link);
     link.click();
     link.remove();
@@ -37,9 +43,16 @@ async function main() {
   await fontReady();
   const status = new StatusBar(document);
   let clients = null;
-  const term = createTerminal(document.getElementById('terminal'), (cols, rows) => status.setSize(cols, rows));
+  let search = null;
+  const container = document.getElementById('terminal');
+  const term = createTerminal(container, (cols, rows) => status.setSize(cols, rows), {
+    search: () => search?.open(),
+  });
+  search = new SearchBox(document, term);
+  const lineTimes = new LineTimes(term);
+  const times = new TimesView(document, term, container, lineTimes, status);
 
-  const connection = new ConsoleConnection(location.href, terminalSink(term), {
+  const connection = new ConsoleConnection(location.href, terminalSink(term, lineTimes), {
     state: (state) => status.setState(state),
     hello: (hello) => {
       if (hello.title) document.title = hello.title;
@@ -76,7 +89,8 @@ async function main() {
     send(encoder.encode(`stty rows ${term.rows} cols ${term.cols}\r`));
     term.focus();
   });
-  status.onDownload(() => downloadLog(status));
+  const format = document.getElementById('download-format');
+  status.onDownload(() => downloadLog(status, format.value, term));
   window.addEventListener('online', () => connection.retryNow());
 
   // Read-only hook for tests and the curious.
@@ -100,10 +114,109 @@ async function main() {
       clients,
       readOnly: connection.readOnly,
       session: connection.session,
+      search: { open: search.isOpen, ...search.results, text: search.count.textContent },
     }),
+    // Buffer line -> arrival time (seconds since the epoch), or null.
+    lineTime: (line) => lineTimes.timeOf(line),
+    lineTimeShown: () => times.tooltip.hidden ? null : times.tooltip.textContent,
+    gotoLine: () => times.gotoLine ?? null,
   });
 
   connection.connect();
+}
+
+/**
+ * The times of lines: a tooltip where the pointer rests (or a tap lands), a
+ * gutter beside the terminal (toggled), and "go to time".
+ */
+class TimesView {
+  constructor(doc, term, container, lineTimes, status) {
+    this.term = term;
+    this.container = container;
+    this.lineTimes = lineTimes;
+    this.status = status;
+    this.tooltip = doc.getElementById('linetime');
+    this.gutter = doc.getElementById('gutter');
+    this.toggle = doc.getElementById('times');
+    this.gotoForm = doc.getElementById('goto');
+    this.gotoInput = doc.getElementById('goto-time');
+    container.addEventListener('mousemove', (event) => this.show(event));
+    container.addEventListener('click', (event) => this.show(event));
+    container.addEventListener('mouseleave', () => { this.tooltip.hidden = true; });
+    this.toggle.addEventListener('click', () => this.setGutter(this.gutter.hidden));
+    term.onRender(() => this.renderGutter());
+    term.onScroll(() => this.renderGutter());
+    this.gotoForm.addEventListener('submit', (event) => {
+      event.preventDefault();
+      this.goTo(this.gotoInput.value);
+    });
+  }
+
+  /** The buffer line under a pointer event, or null. */
+  lineAt(event) {
+    const screen = this.container.querySelector('.xterm-screen');
+    if (!screen) return null;
+    const box = screen.getBoundingClientRect();
+    const row = Math.floor((event.clientY - box.top) / (box.height / this.term.rows));
+    if (row < 0 || row >= this.term.rows) return null;
+    return this.term.buffer.active.viewportY + row;
+  }
+
+  show(event) {
+    const line = this.lineAt(event);
+    const time = line === null ? null : this.lineTimes.timeOf(line);
+    if (time === null) {
+      this.tooltip.hidden = true;
+      return;
+    }
+    this.tooltip.textContent = `${localStamp(time)} local\n${utcStamp(time)}`;
+    this.tooltip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 260)}px`;
+    this.tooltip.style.top = `${event.clientY + 16}px`;
+    this.tooltip.hidden = false;
+  }
+
+  setGutter(on) {
+    this.gutter.hidden = !on;
+    this.toggle.setAttribute('aria-pressed', String(on));
+    this.renderGutter();
+    this.term.focus();
+  }
+
+  renderGutter() {
+    if (this.gutter.hidden) return;
+    const screen = this.container.querySelector('.xterm-screen');
+    const height = screen ? screen.getBoundingClientRect().height / this.term.rows : 17;
+    const top = this.term.buffer.active.viewportY;
+    const rows = [];
+    for (let row = 0; row < this.term.rows; row += 1) {
+      const line = top + row;
+      const time = this.lineTimes.startsAt(line) || row === 0 ? this.lineTimes.timeOf(line) : null;
+      const div = document.createElement('div');
+      div.style.height = `${height}px`;
+      div.style.lineHeight = `${height}px`;
+      div.textContent = time === null ? '' : shortStamp(time);
+      if (time !== null) div.title = `${localStamp(time)} local, ${utcStamp(time)}`;
+      rows.push(div);
+    }
+    this.gutter.replaceChildren(...rows);
+  }
+
+  /** Scroll to the first line that arrived at or after the time given. */
+  goTo(text) {
+    const seconds = parseMoment(text);
+    if (seconds === null) {
+      this.status.setNotice(`not a time: ${text}`);
+      return;
+    }
+    const line = this.lineTimes.firstLineAtOrAfter(seconds);
+    if (line === null) {
+      this.status.setNotice(`nothing arrived at or after ${utcStamp(seconds)} on this page`);
+      return;
+    }
+    this.term.scrollToLine(line);
+    this.term.selectLines(line, line);
+    this.gotoLine = line;
+  }
 }
 
 main();

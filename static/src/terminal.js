@@ -53,14 +53,15 @@ export async function fontReady() {
  * @param {HTMLElement} container
  * @param {(cols: number, rows: number) => void} onSize
  */
-export function createTerminal(container, onSize) {
+export function createTerminal(container, onSize, keys = {}) {
   const term = new Terminal({
     scrollback: 2000,
     fontFamily: FONT_FAMILY,
     fontSize: FONT_SIZE,
     theme: THEME,
     cursorBlink: true,
-    allowProposedApi: false,
+    // The search add-on highlights every match with decorations, a proposed API.
+    allowProposedApi: true,
   });
   const fit = new FitAddon();
   term.loadAddon(fit);
@@ -75,7 +76,7 @@ export function createTerminal(container, onSize) {
     frame = requestAnimationFrame(() => fit.fit());
   }).observe(container);
 
-  enableClipboard(term, container);
+  enableClipboard(term, container, keys);
   term.focus();
   return term;
 }
@@ -85,7 +86,7 @@ export function createTerminal(container, onSize) {
  * the browser's: Ctrl+Shift+V, Shift+Insert or right-click > Paste reach
  * xterm.js as a paste event. Ctrl+C and Ctrl+V stay keys for the guest.
  */
-function enableClipboard(term, container) {
+function enableClipboard(term, container, keys) {
   let selecting = false;
   container.addEventListener('mousedown', () => { selecting = true; });
   document.addEventListener('mouseup', () => {
@@ -97,6 +98,12 @@ function enableClipboard(term, container) {
   term.attachCustomKeyEventHandler((event) => {
     if (event.type === 'keydown' && event.ctrlKey && event.shiftKey && event.code === 'KeyC') {
       copySelection(term);
+      event.preventDefault();
+      return false;
+    }
+    // Ctrl+Shift+F opens the search; Ctrl+F (no Shift) stays the guest's.
+    if (event.type === 'keydown' && event.ctrlKey && event.shiftKey && event.code === 'KeyF' && keys.search) {
+      keys.search();
       event.preventDefault();
       return false;
     }
@@ -120,11 +127,17 @@ function copySelection(term) {
   }
 }
 
-/** The connection's view of the screen: ordered writes, skip lines and resets. */
-export function terminalSink(term) {
+/**
+ * The connection's view of the screen: ordered writes, skip lines and resets;
+ * each write's arrival time (if known) goes to `lineTimes` once it is on screen.
+ */
+export function terminalSink(term, lineTimes) {
   return {
-    write(bytes, done) {
-      term.write(bytes, done);
+    write(bytes, done, time = null) {
+      term.write(bytes, () => {
+        lineTimes?.record(time);
+        done();
+      });
     },
     skip(count, done) {
       // In the same queue as the output around it; the screen is kept.
@@ -132,7 +145,10 @@ export function terminalSink(term) {
     },
     reset() {
       // Queued behind earlier output, so the old bytes never land on the new screen.
-      term.write(NOTHING, () => term.reset());
+      term.write(NOTHING, () => {
+        term.reset();
+        lineTimes?.reset();
+      });
     },
   };
 }
