@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..access.audit import NO_AUDIT, Audit
 from ..access.policy import CredentialFileError
 from ..access.sshkeys import (
     AuthorizedKeys,
@@ -176,10 +177,13 @@ class KeyChecker:
         keyring: Keyring,
         failures: AuthFailures,
         now: Callable[[], float] = time.time,
+        audit: Audit = NO_AUDIT,
     ) -> None:
         self.keyring = keyring
         self.failures = failures
         self.now = now
+        #: Where refused logins are audited (C{--audit-log}).
+        self.audit = audit
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         address = getattr(creds, "address", "?")
@@ -196,6 +200,8 @@ class KeyChecker:
                 reason=e.reason,
                 detail=getattr(e, "detail", ""),
             )
+            fingerprint = _blob_fingerprint(creds.algName, creds.blob)
+            self.audit.refused("ssh", e.reason, address, fingerprint, username)
             return defer.fail(error.UnauthorizedLogin(e.reason))
         except conch_error.ValidPublicKey:
             return defer.fail()

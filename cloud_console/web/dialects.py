@@ -42,6 +42,8 @@ class Connection(Protocol):
 
     def close(self, code: int, reason: str) -> Any: ...
 
+    def typed(self, attachment: Attachment, data: bytes) -> str | None: ...
+
 #: The subprotocol with offsets, acknowledgements, resume and status messages.
 SUBPROTOCOL_V1 = "cloud-console.v1"
 
@@ -72,7 +74,7 @@ class OriginalDialect:
 
     def message(self, attachment: Attachment, payload: bytes, is_binary: bool) -> None:
         """Every message is input (text as its UTF-8 bytes); refusals cannot be told."""
-        attachment.send_input(payload)
+        self.connection.typed(attachment, payload)
 
     def output(self, chunk: Chunk) -> None:
         factory = self.connection.factory
@@ -163,7 +165,7 @@ class V1Dialect:
     def message(self, attachment: Attachment, payload: bytes, is_binary: bool) -> None:
         """Binary is input (a refusal is told, with the running total); text is control."""
         if is_binary:
-            refused = attachment.send_input(payload)
+            refused = self.connection.typed(attachment, payload)
             if refused is not None:
                 self.event("input-discarded", bytes=attachment.input_discarded, reason=refused)
             return

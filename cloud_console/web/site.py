@@ -312,6 +312,7 @@ def build_site(
     gate = build_gate(
         tree_for, password_file, token_file, run_in_thread,
         on_refused=refusals.count if refusals is not None else None, link_secret=link_secret,
+        audit=settings.audit,
     )
     return ConsoleSite(gate, timeout=HTTP_IDLE_TIMEOUT), factory
 
@@ -466,7 +467,8 @@ class FleetResources:
         tree = console.resources.get(key)
         if tree is None:
             factory = ConsoleServerFactory(
-                console.multiplexer, self.settings, read_only=read_only, title=lambda: console.spec.title
+                console.multiplexer, self.settings, read_only=read_only,
+                title=lambda: console.spec.title, console_name=console.name,
             )
             tree = console.resources[key] = build_tree(console.multiplexer, factory, self.where)
         return tree
@@ -541,7 +543,7 @@ def build_fleet_site(
         return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
     gate: AuthGate = build_gate(
         fleet.root_for, password_file, token_file, run_in_thread, on_refused=fleet.refusals.count,
-        link_secret=link_secret, consoles_under=b"c",
+        link_secret=link_secret, consoles_under=b"c", audit=fleet.settings.audit,
     )
     root = _PublicHealth(Health(fleet.registry, gate.identify), gate)
     return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
