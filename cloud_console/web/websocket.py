@@ -113,6 +113,8 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     viewer: tuple[str, str] | None = None
     #: This viewer's part of the audit log, once attached.
     trail: Trail | None = None
+    #: Whether it came with a credential (and so may be told who else is on).
+    identified = False
 
     @property
     def v1(self) -> bool:
@@ -346,13 +348,18 @@ class ConsoleServerFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
         )
 
-    #: The identity and address of the upgrade being handled (see L{buildProtocol}).
+    #: The identity and address of the upgrade being handled (see L{buildProtocol}),
+    #: and whether a credential vouches for it.
     next_viewer: tuple[str, str] | None = None
+    next_identified = False
+    #: The last who-is-on list sent, with the attachments it was made for.
+    who_cache: tuple[tuple[tuple[ClientLabel | None, bool], ...], dict[str, Any]] | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = WebSocketServerFactory.buildProtocol(self, addr)
         if isinstance(protocol, ConsoleServerProtocol):
             protocol.viewer = self.next_viewer
+            protocol.identified = self.next_identified
         return protocol
 
     def title(self) -> str:
