@@ -25,6 +25,7 @@ from tests.helpers import (
     free_port,
     http_get,
     serve_process,
+    spawn_server,
     spawn_ssh,
     ssh_args,
     ssh_keygen,
@@ -324,6 +325,32 @@ class AuditedServerTests(TestCase):
         self.assertEqual(server.count(b"Traceback"), 0)
         got = events(moved / "audit.log")
         self.assertEqual([e["event"] for e in got if e["console"] == "vm2"], ["attach", "input", "detach"] * 2)
+
+
+class AuditOptionsTests(TestCase):
+    """The options: what an operator is told when they do not fit."""
+
+    timeout = 30
+
+    def test_audit_input_needs_audit_log(self) -> None:
+        """--audit-input alone is a usage error."""
+        from cloud_console.tap import Options
+        from twisted.python.usage import UsageError
+
+        e = self.assertRaises(UsageError, Options().parseOptions, ["--pty", "/dev/null", "--audit-input"])
+        self.assertIn("--audit-input needs --audit-log", str(e))
+
+    async def test_unopenable_audit_log_stops_the_start(self) -> None:
+        """An audit log that cannot be opened: status 2, saying which file and why."""
+        guest = Guest()
+        self.addCleanup(guest.close)
+        server = spawn_server([
+            "--console", f"pty:{guest.path}", "--port", f"tcp:port={free_port()}:interface=127.0.0.1",
+            "--audit-log", "/proc/audit.log",
+        ])
+        server.listening.addErrback(lambda failure: None)
+        self.assertEqual(await server.ended, 2)
+        self.assertIn(b"cannot open audit log /proc/audit.log: No such file or directory", server.stderr)
 
 
 def ssh_keygen_fingerprint(key: Path) -> str:
