@@ -19,7 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from cloud_console.access.audit import BURST, NO_AUDIT, AuditLog, AuditLogError, audit_time
 from cloud_console.console.multiplexer import ClientLabel
 from tests.helpers import (
+    OP_BINARY,
+    FakePty,
     FileWatch,
+    WebClient,
     Guest,
     connect_v1,
     free_port,
@@ -29,6 +32,7 @@ from tests.helpers import (
     spawn_ssh,
     ssh_args,
     ssh_keygen,
+    use_memory_reactor,
 )
 
 ALICE = ClientLabel("web", "alice", "10.0.0.1", 1000.0)
@@ -176,6 +180,50 @@ class AuditLogTests(SynchronousTestCase):
         self.assertTrue(any("not reopened" in e.get("log_format", "") for e in logged))
         self.audit.refused("web", "origin", "c")
         self.assertEqual([e["address"] for e in events(moved / self.path.name)], ["b", "c"])
+
+
+class WebDoorAuditTests(SynchronousTestCase):
+    """The web door's calls, on a site over StringTransports and a memory clock."""
+
+    def setUp(self) -> None:
+        from cloud_console.console.multiplexer import Multiplexer
+        from cloud_console.web.site import build_site
+        from cloud_console.web.websocket import ConsoleSettings
+
+        self.reactor = use_memory_reactor(self)
+        self.reactor.advance(1000.0)
+        self.path = Path(self.mktemp())
+        self.audit = AuditLog(str(self.path), self.reactor)
+        self.addCleanup(self.audit.close)
+        self.multiplexer = Multiplexer(1000)
+        self.pty = FakePty()
+        self.multiplexer.console_up(self.pty)
+        settings = ConsoleSettings(max_clients=1, audit=self.audit)
+        self.site, _ = build_site(self.multiplexer, settings, self.mktemp())
+        self.site.reactor = self.reactor
+
+    def test_upgrades_refused_input_and_detach(self) -> None:
+        """A foreign origin and an upgrade past --max-clients are refused; typing is one burst."""
+        foreign = WebClient(self.site, 40001)
+        self.assertIn(b"403", foreign.upgrade(origin="http://evil.example"))
+        viewer = WebClient(self.site, 40002)
+        self.assertIn(b"101", viewer.upgrade())
+        self.assertIn(b"503", WebClient(self.site, 40003).upgrade())
+        for key in (b"l", b"s", b"\r"):
+            viewer.send(OP_BINARY, key)
+        self.assertEqual(bytes(self.pty.written), b"ls\r")
+        self.reactor.advance(BURST)
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        viewer.protocol.connectionLost(Failure(ConnectionDone()))
+        got = [(e["event"], e.get("reason"), e.get("bytes"), e["identity"]) for e in events(self.path)]
+        self.assertEqual(got, [
+            ("refused", "origin", None, "anonymous"), ("attach", None, None, "anonymous"),
+            ("refused", "limit", None, "anonymous"), ("input", None, 3, "anonymous"),
+            ("detach", None, None, "anonymous"),
+        ])
+        self.assertEqual({e["console"] for e in events(self.path)}, {None})
 
 
 class AuditedServerTests(TestCase):

@@ -273,8 +273,15 @@ class ConsoleUserAuth(userauth.SSHUserAuthServer):
         return result
 
     def timeoutAuthentication(self) -> None:
-        failures = getattr(getattr(self.transport, "factory", None), "auth_failures", None)
+        factory = getattr(self.transport, "factory", None)
+        failures = getattr(factory, "auth_failures", None)
         if failures is not None:
             failures.count("timeout")
+        audit = getattr(getattr(factory, "door", None), "audit", None)
+        if audit is not None and self.transport is not None:
+            peer = self.transport.getPeer()
+            address = getattr(getattr(peer, "address", None), "host", "?")
+            user = self.user.decode("utf-8", "replace") if self.user else None
+            audit.refused("ssh", "timeout", address, None, user)
         _log.info("SSH connection closed: not authenticated within {seconds} s", seconds=self.loginTimeout)
         userauth.SSHUserAuthServer.timeoutAuthentication(self)
