@@ -221,3 +221,16 @@ class WhoListPageTests(BrowserHarness):
         self.assertEqual(alice.page.text_content("#viewers"), "1 watching")
         self.assertIn("alice", alice.page.text_content("#who-list") or "")
         self.assertEqual(alice.errors, [])
+
+    def test_index_names_who_is_on(self) -> None:
+        """The index's viewer count, to a credential, names who is on the console."""
+        tokens = self.tmp / "tokens"
+        tokens.write_text("alice-0123456789abcdef name=alice\n")
+        server = self.serve(None, "--console", f"vm1=pty:{self.guest.path}", "--token-file", str(tokens))
+        self.open_page(self.url(server) + "c/vm1/?token=alice-0123456789abcdef")
+        index = self.browser().new_page()
+        index.goto(self.url(server))
+        index.wait_for_function(
+            "() => document.querySelector('td.viewers')?.title === 'on it: alice'"
+        )
+        self.assertEqual(index.text_content("td.viewers"), "1")
