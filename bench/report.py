@@ -11,7 +11,8 @@ CC = "cloud-console"
 PEER = "terminado"
 BIG = "cc-bighist"  # cloud-console with a history as large as the workload
 AUDITED = "cc-audit"  # cloud-console with --audit-log FILE --audit-input
-SSH_DOORS = {"websocket": "cc websocket", "ssh": "cc ssh", "sshd": "sshd + cat"}
+SSH_DOORS = {"websocket": "cc websocket", "ssh": "cc ssh", "sshd": "sshd + cat",
+             "beside-stopped-ssh": "ws + stopped ssh"}
 
 
 def _mib(n: float) -> str:
@@ -417,6 +418,12 @@ class Report:
             if od is not None:
                 rows.append((f"ssh: CPU/MiB, {n} viewer(s) <= sshd + cat", f"{ss:.2f} ms",
                              f"<= {od:.2f} ms", ss <= od))
+            figures = self.get("ssh", CC).get("figures", {})
+            alone, beside = figures.get(f"websocket {n}", {}), figures.get(f"beside-stopped-ssh {n}", {})
+            if alone.get("per_client") and beside.get("per_client"):
+                ratio = beside["per_client"] / alone["per_client"]
+                rows.append((f"ssh: {n} page(s) beside a stopped ssh keep their pace", f"{ratio:.2f}x",
+                             ">= 0.9x", ratio >= 0.9))
         return rows
 
     def _fleet_goals(self) -> list[tuple]:
