@@ -28,6 +28,11 @@ and against OpenSSH's sshd relaying the same pty with cat (needs openssh-client 
 openssh-server's sshd; the bench starts its own instance: own config, host key and
 authorized_keys in the run's directory, a loopback port).
 
+"audit" (bench/audit.py) is the audit log's cost: the output path with and without it (10
+audited viewers), the input path (typing and pastes) without it, with it and with
+--audit-input, in the server's Python; and the throughput runs again on a server with
+--audit-log FILE --audit-input (cc-audit), server CPU per MiB beside cloud-console's.
+
 "timeindex" (bench/timeindex.py) measures the history's time index in the server's
 Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
 its CPU per MiB on the output path, with and without it.
@@ -62,6 +67,7 @@ import fleet  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
 import timeindex  # noqa: E402
+import audit  # noqa: E402
 import procs  # noqa: E402
 import ssh  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
@@ -74,7 +80,8 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex",
+       "audit")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -203,6 +210,10 @@ def main(argv: list[str]) -> int:
     if args.big_history:
         big = (args.big_history if args.big_history > 0 else args.mb + 4) * scenarios.MiB
         servers.append(ServerSpec(report.BIG, "attach", "raw", "/ws", args.server_cmd, big))
+    if "audit" in args.scenarios:
+        # The same server writing an audit log (throughput only): CPU per MiB beside it.
+        servers.append(ServerSpec(report.AUDITED, "attach", "raw", "/ws", args.server_cmd
+                                  + f" --audit-log {os.path.join(workdir, 'audit.log')} --audit-input"))
     if not args.no_peer:
         servers.append(ServerSpec("terminado", "spawn", "terminado", "/websocket",
                                   TERMINADO_COMMAND))
@@ -228,6 +239,11 @@ def main(argv: list[str]) -> int:
         for spec in servers:
             peer = spec.name == report.PEER
             big = spec.name == report.BIG
+            if spec.name == report.AUDITED:
+                for n in args.clients:
+                    attempt(("throughput", spec.name, n), scenarios.throughput, spec, n,
+                            args.client_procs, args.repeat, None)
+                continue
             if "throughput" in args.scenarios:
                 for n in (args.peer_clients if peer else args.clients):
                     profile = None
@@ -265,6 +281,8 @@ def main(argv: list[str]) -> int:
 
         if "timeindex" in args.scenarios:
             attempt(("timeindex", report.CC), timeindex.measure)
+        if "audit" in args.scenarios:
+            attempt(("audit", report.CC), audit.measure)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:
