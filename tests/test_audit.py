@@ -268,6 +268,8 @@ class AuditedServerTests(TestCase):
             "--ssh-port", f"tcp:port={ssh_port}:interface=127.0.0.1",
             "--ssh-host-key", str(self.dir / "host_key"), "--ssh-authorized-keys", str(authorized),
         ])
+        # Both ports: serve_process returns at the first "starting on".
+        await server.log_line(lambda err: err.count(b"starting on") >= 2)
         watch = FileWatch(self, audit)
         alice = await connect_v1(port, "/c/vm1/ws", self.bearer("alice"))
         alice.type(b"uptime\r")
