@@ -30,6 +30,7 @@ from .console.spec import ConsoleSpec
 from .fleet.config import ConfigError, load_config
 from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
+from .sdnotify import CONSOLE_PREFIX, FdStore, Notifier, inherited_named_fds
 from .ssh.auth import Keyring
 from .ssh.factory import ConsoleSSHFactory
 from .ssh.hostkey import HostKeyError, load_or_create_host_key
@@ -69,6 +70,8 @@ class ConsoleService(MultiService):
         #: More to reload on SIGHUP (the SSH door's keys).
         self.reloads: list[Callable[[], None]] = []
         self._previous_sighup: Any = None
+        #: The service manager (systemd), told when start-up and reloads are done.
+        self.notifier = Notifier(None)
         if multiplexer is not None:
             multiplexer.when_console_closed(self._console_closed)
 
@@ -94,14 +97,32 @@ class ConsoleService(MultiService):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self._sighup)
             )
+        # Every console is open (or shown down) and every port listens by now; READY=1
+        # waits for the reactor all the same, so that it is said by a serving process.
+        self.reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        if self.running:
+            self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        if self.registry is not None:
+            up = sum(1 for s in self.registry.statuses() if s.up)
+            return f"serving {len(self.registry)} consoles ({up} up)"
+        return "serving"
 
     def _sighup(self) -> None:
-        if self.on_sighup is not None:
-            self.on_sighup()
-        for reload in self.reloads:
-            reload()
+        self.notifier.reloading()
+        try:
+            if self.on_sighup is not None:
+                self.on_sighup()
+            for reload in self.reloads:
+                reload()
+        finally:
+            self.notifier.ready(self._status_line())
 
     def stopService(self) -> Any:
+        self.notifier.stopping()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -163,12 +184,20 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
         log file or a credential file cannot (many).
     """
     raise_descriptor_limit()
+    notifier = Notifier.from_environment()
+    store = FdStore(notifier, inherited_named_fds()) if notifier.enabled else None
     if options["multi"]:
-        return _build_fleet(options, reactor)
-    return _build_single(options, reactor)
+        service = _build_fleet(options, reactor, store)
+    else:
+        service = _build_single(options, reactor, store)
+    service.notifier = notifier
+    if store is not None:
+        # A console no longer configured: its kept descriptor is closed, and leaves the store.
+        store.discard_leftovers(CONSOLE_PREFIX)
+    return service
 
 
-def _build_single(options: Any, reactor: Any) -> ConsoleService:
+def _build_single(options: Any, reactor: Any, store: FdStore | None = None) -> ConsoleService:
     spec = ConsoleSpec(
         name=None,
         source=options["source"],
@@ -182,7 +211,9 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
         raw=not options["no-raw"],
     )
     try:
-        console = build_console(spec, reactor, ConsoleLimits(options["max-stall"]), _thread_runner(reactor))
+        console = build_console(
+            spec, reactor, ConsoleLimits(options["max-stall"]), _thread_runner(reactor), store
+        )
     except LogFileError as e:
         raise StartupError(str(e)) from e
     try:
@@ -279,10 +310,10 @@ class ConsoleSources:
         return specs
 
 
-def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
+def _build_fleet(options: Any, reactor: Any, store: FdStore | None = None) -> ConsoleService:
     limits = ConsoleLimits(options["max-stall"])
     run_blocking = _thread_runner(reactor)
-    registry = ConsoleRegistry(lambda spec: build_console(spec, reactor, limits, run_blocking))
+    registry = ConsoleRegistry(lambda spec: build_console(spec, reactor, limits, run_blocking, store))
     try:
         sources = ConsoleSources(options)
     except ConfigError as e:

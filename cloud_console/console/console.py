@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .device import ConsoleOpenError
-from .follow import ConsoleFollower
+from .follow import ConsoleFollower, DescriptorStore
 from .logfile import LogFileSink
 from .multiplexer import Multiplexer, iso_time
 from .sources import SourceError
@@ -179,6 +179,7 @@ class Console(MultiService):
         service (its parent does, when it lets go of it) then closes the device.
         """
         self.multiplexer.console_lost(reason, close_reason=reason)
+        self.follower.forget()
 
     def reopen_log(self) -> None:
         """SIGHUP: reopen the log file (logrotate moved it away)."""
@@ -191,6 +192,7 @@ def build_console(
     reactor: Any,
     limits: ConsoleLimits = ConsoleLimits(),
     run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+    store: DescriptorStore | None = None,
 ) -> Console:
     """
     The one place a console's objects are made (for one console or many). Nothing is
@@ -213,6 +215,8 @@ def build_console(
         raw=spec.raw,
         reopen=spec.reopen,
         run_blocking=run_blocking,
+        store=store,
+        store_name=f"console.{spec.name}" if spec.name else "console",
     )
     sink = None
     if spec.log_file:
