@@ -21,7 +21,8 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from .access.policy import CredentialFileError
-from .console.console import Console, ConsoleLimits, build_console
+from .console.console import Console, ConsoleLimits, build_console, console_state
+from .console.state import ConsoleState
 from .console.device import ConsoleOpenError
 from .console.logfile import LogFileError, LogFileSink
 from .console.multiplexer import Multiplexer
@@ -30,6 +31,7 @@ from .console.spec import ConsoleSpec
 from .fleet.config import ConfigError, load_config
 from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
+from .keeper import StateKeeper
 from .sdnotify import CONSOLE_PREFIX, FdStore, Notifier, inherited_named_fds
 from .ssh.auth import Keyring
 from .ssh.factory import ConsoleSSHFactory
@@ -72,6 +74,10 @@ class ConsoleService(MultiService):
         self._previous_sighup: Any = None
         #: The service manager (systemd), told when start-up and reloads are done.
         self.notifier = Notifier(None)
+        #: Where the consoles' state goes at shutdown (see L{cloud_console.keeper}).
+        self.keeper: StateKeeper | None = None
+        #: The consoles served now (for their state at shutdown).
+        self.consoles: Callable[[], list[Console]] = lambda: []
         if multiplexer is not None:
             multiplexer.when_console_closed(self._console_closed)
 
@@ -126,7 +132,16 @@ class ConsoleService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        return MultiService.stopService(self)
+        stopped = MultiService.stopService(self)
+        keeper = self.keeper
+        if keeper is not None and keeper.enabled:
+            # Once every console has stopped reading: the state holds every byte read.
+            def save(result: object) -> object:
+                keeper.save(console_state(console) for console in self.consoles())
+                return result
+
+            stopped.addCallback(save)
+        return stopped
 
 
 def _settings(options: Any, **more: Any) -> ConsoleSettings:
@@ -186,18 +201,28 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
     raise_descriptor_limit()
     notifier = Notifier.from_environment()
     store = FdStore(notifier, inherited_named_fds()) if notifier.enabled else None
+    keeper = StateKeeper(store, options.get("state-dir"))
+    saved = keeper.load()
     if options["multi"]:
-        service = _build_fleet(options, reactor, store)
+        service = _build_fleet(options, reactor, store, saved)
     else:
-        service = _build_single(options, reactor, store)
+        service = _build_single(options, reactor, store, saved)
     service.notifier = notifier
+    service.keeper = keeper
+    for name in sorted(saved):
+        service._log.info("saved state of console {name} dropped: it is not configured", name=name)
     if store is not None:
         # A console no longer configured: its kept descriptor is closed, and leaves the store.
         store.discard_leftovers(CONSOLE_PREFIX)
     return service
 
 
-def _build_single(options: Any, reactor: Any, store: FdStore | None = None) -> ConsoleService:
+def _build_single(
+    options: Any,
+    reactor: Any,
+    store: FdStore | None = None,
+    saved: dict[str, ConsoleState] | None = None,
+) -> ConsoleService:
     spec = ConsoleSpec(
         name=None,
         source=options["source"],
@@ -212,7 +237,12 @@ def _build_single(options: Any, reactor: Any, store: FdStore | None = None) -> C
     )
     try:
         console = build_console(
-            spec, reactor, ConsoleLimits(options["max-stall"]), _thread_runner(reactor), store
+            spec,
+            reactor,
+            ConsoleLimits(options["max-stall"]),
+            _thread_runner(reactor),
+            store,
+            (saved or {}).pop("", None),
         )
     except LogFileError as e:
         raise StartupError(str(e)) from e
@@ -224,6 +254,7 @@ def _build_single(options: Any, reactor: Any, store: FdStore | None = None) -> C
             console.log_sink.close(1001, "start-up failed")
         raise StartupError(str(e)) from e
     service = ConsoleService(reactor, console.multiplexer)
+    service.consoles = lambda: [console]
     console.setServiceParent(service)
     service.log_sink = console.log_sink
     if console.log_sink is not None:
@@ -310,10 +341,20 @@ class ConsoleSources:
         return specs
 
 
-def _build_fleet(options: Any, reactor: Any, store: FdStore | None = None) -> ConsoleService:
+def _build_fleet(
+    options: Any,
+    reactor: Any,
+    store: FdStore | None = None,
+    saved: dict[str, ConsoleState] | None = None,
+) -> ConsoleService:
     limits = ConsoleLimits(options["max-stall"])
     run_blocking = _thread_runner(reactor)
-    registry = ConsoleRegistry(lambda spec: build_console(spec, reactor, limits, run_blocking, store))
+    states = saved if saved is not None else {}
+    registry = ConsoleRegistry(
+        lambda spec: build_console(
+            spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None)
+        )
+    )
     try:
         sources = ConsoleSources(options)
     except ConfigError as e:
@@ -322,6 +363,7 @@ def _build_fleet(options: Any, reactor: Any, store: FdStore | None = None) -> Co
     if result.failed:
         raise StartupError("; ".join(f"console {n}: {why}" for n, why in result.failed.items()))
     service = ConsoleService(reactor)
+    service.consoles = lambda: list(registry)
     service.registry = registry
     registry.setServiceParent(service)
     service._log.info(

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
-from .history import History
+from .history import History, HistoryState
 from .inputpath import InputPath
 from .pacing import ReadPacer
 
@@ -267,6 +267,9 @@ class Multiplexer(Service):
         self.gaps = 0
         #: When the guest last wrote (clock seconds), or None.
         self.last_output_at: float | None = None
+        #: The history was taken over from the previous process: the next console_up
+        #: continues its boot (the head stays) instead of beginning one.
+        self._continuing = False
 
     def _seconds(self) -> float:
         return self.clock.seconds() if self.clock is not None else time.time()
@@ -277,6 +280,18 @@ class Multiplexer(Service):
 
     def _now(self) -> str:
         return iso_time(self._seconds())
+
+    def restore(self, session: str, history: HistoryState) -> None:
+        """
+        Take over the previous process's session and history (a restart): offsets go on
+        where they were, so a page that names this session resumes with no gap, and the
+        boot's head stays.
+
+        @raise ValueError: see L{History.restore}.
+        """
+        self.history.restore(history)
+        self.session = session
+        self._continuing = True
 
     # -- what a new client is sent ----------------------------------------------------
 
@@ -357,7 +372,10 @@ class Multiplexer(Service):
             device.close()
             return
         self._pty = device
-        self.history.begin_boot()
+        if self._continuing:
+            self._continuing = False
+        else:
+            self.history.begin_boot()
         if self._went_down:
             self.reopen_count += 1
         self.up = True
