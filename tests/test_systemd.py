@@ -26,7 +26,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.helpers import ROOT, Guest, Server, ServiceManager, SocketGuest, connect_v1, http_get
+from tests.helpers import ROOT, Guest, Server, ServiceManager, SocketGuest, V1Client, connect_v1, http_get
 
 UNITS = ROOT / "contrib" / "systemd"
 SERVICE = UNITS / "cloud-console.service"
@@ -418,12 +418,16 @@ class RestartTests(SystemdCase):
     written to the old one is gone, as with QEMU's socket chardev).
     """
 
-    async def restart_while_writing(self, keep: bool, kill: bool) -> tuple[bytes, SteadyWriter, SocketGuest]:
+    async def restart_while_writing(
+        self, keep: bool, kill: bool, state_dir: Path | None = None
+    ) -> tuple[bytes, SteadyWriter, SocketGuest, V1Client, V1Client]:
         """
         Start, open a page, have the guest write steadily, stop the daemon (SIGTERM or
         SIGKILL) while it writes, wait for 50 lines written while it is down, start it
-        again (with the store if C{keep}), then stop writing and wait for the last line
-        on a new page. Returns the log file, the writer and the guest.
+        again (with the store if C{keep}), and reconnect the page as it does by itself
+        (C{?session=S&from=N}, the next offset it wants); then stop writing and wait for
+        the last line on it. Returns the log file, the writer, the guest and the page's
+        two connections.
         """
         manager = None
         if keep:
@@ -432,6 +436,8 @@ class RestartTests(SystemdCase):
         guest = SocketGuest(self.sockets / "vm1.sock")
         self.addCleanup(guest.close)
         command = self.command(self.write_config({"vm1": f"unix:{guest.path}"}))
+        if state_dir is not None:
+            command += ["--state-dir", str(state_dir)]
         first = await self.activate(command, manager=manager)
         if manager is not None:
             await manager.wait_for(lambda m: m.count("READY") >= 1 and "console.vm1" in m.store)
@@ -449,39 +455,122 @@ class RestartTests(SystemdCase):
         second = await self.activate(command, manager=manager, listener=first.listener)
         if manager is not None:
             await manager.wait_ready(2)
+        (hello,) = page.events_of("hello")
+        resumed = await connect_v1(
+            second.port, f"/c/vm1/ws?session={hello['session']}&from={page.next_offset}"
+        )
         await writer.written(50)
         last = writer.stop()
-        page = await connect_v1(second.port, "/c/vm1/ws")
-        await page.wait_text(last.decode())
+        await resumed.wait_text(last.decode())
         await self.stop(second)
-        return (self.temp / "logs" / "vm1.log").read_bytes(), writer, guest
+        log = (self.temp / "logs" / "vm1.log").read_bytes()
+        return log, writer, guest, page, resumed
+
+    def assert_resumed(self, page: V1Client, resumed: V1Client, lines: list[bytes]) -> None:
+        """The page's second connection went on at its offset: no gap, no byte twice."""
+        (hello,) = page.events_of("hello")
+        (again,) = resumed.events_of("hello")
+        self.assertEqual(again["session"], hello["session"])
+        self.assertEqual(again["offset"], page.next_offset)
+        self.assertEqual(resumed.events_of("gap"), [])
+        self.assertEqual(page.first_offset, 0)
+        self.assertEqual(bytes(page.stream + resumed.stream), b"".join(lines))
 
     async def test_restart_keeps_every_byte(self) -> None:
         """
         SIGTERM and a start again with the store: the console's connection is the same
-        one (no reconnect) and the log file holds every line the guest wrote, once, in
-        order, those written while the daemon was down included.
+        one (no reconnect); the log file and the page (its two connections) hold every
+        line the guest wrote, once, in order, those written while the daemon was down
+        included; the page resumed in the same session with no gap.
         """
-        log, writer, guest = await self.restart_while_writing(keep=True, kill=False)
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=True, kill=False)
         self.assertEqual(len(guest.connections), 1)
         self.assertEqual(guest.dropped, 0)
         self.assertEqual(without_markers(log), b"".join(writer.lines))
+        self.assert_resumed(page, resumed, writer.lines)
 
     async def test_kill_keeps_every_byte(self) -> None:
-        """kill -9 and a start again with the store: the same."""
-        log, writer, guest = await self.restart_while_writing(keep=True, kill=True)
+        """
+        kill -9 and a start again with the store: the connection is the same one and the
+        log file holds every line once, in order. The history of the killed process is
+        not kept (it is written at shutdown only): the page is told to reset (a gap,
+        "restart") and gets what the new process holds, from the lines written while
+        the daemon was down on, none missing or twice.
+        """
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=True, kill=True)
         self.assertEqual(len(guest.connections), 1)
         self.assertEqual(without_markers(log), b"".join(writer.lines))
+        self.assertEqual([g["reason"] for g in resumed.events_of("gap")], ["restart"])
+        everything = b"".join(writer.lines)
+        self.assertTrue(everything.endswith(bytes(resumed.stream)))
+        self.assertTrue(everything.startswith(bytes(page.stream)))
+        self.assertGreaterEqual(len(page.stream) + len(resumed.stream), len(everything))
 
     async def test_restart_without_store_loses(self) -> None:
         """
         The control: the same restart without a service manager reconnects, and what the
-        guest wrote while the daemon was down is not in the log (what the store buys).
+        guest wrote while the daemon was down is not in the log (what the store buys),
+        and the page cannot resume (another session).
         """
-        log, writer, guest = await self.restart_while_writing(keep=False, kill=False)
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=False, kill=False)
         self.assertEqual(len(guest.connections), 2)
         self.assertGreaterEqual(guest.dropped, 50 * len(writer.lines[0]))
         self.assertNotEqual(without_markers(log), b"".join(writer.lines))
+        self.assertEqual([g["reason"] for g in resumed.events_of("gap")], ["restart"])
+
+    async def test_state_dir_without_systemd(self) -> None:
+        """
+        --state-dir without a service manager: the history and the session survive a
+        restart (the page resumes at its offset, no gap), but not what the guest wrote
+        while the daemon was down (the socket was reconnected; QEMU drops it too): the
+        page's bytes are every line but exactly those.
+        """
+        state_dir = self.sockets / "state"
+        state_dir.mkdir()
+        log, writer, guest, page, resumed = await self.restart_while_writing(
+            keep=False, kill=False, state_dir=state_dir
+        )
+        self.assertEqual(len(guest.connections), 2)
+        (hello,) = page.events_of("hello")
+        (again,) = resumed.events_of("hello")
+        self.assertEqual(again["session"], hello["session"])
+        self.assertEqual(again["offset"], page.next_offset)
+        self.assertEqual(resumed.events_of("gap"), [])
+        self.assertEqual(len(page.stream + resumed.stream) + guest.dropped, len(b"".join(writer.lines)))
+        self.assertEqual(without_markers(log), bytes(page.stream + resumed.stream))
+
+    async def test_foreign_state_refused(self) -> None:
+        """
+        A state file that does not check out (altered, or not a state at all) is refused
+        with a log line saying why; the console serves, empty, in a new session.
+        """
+        state_dir = self.sockets / "state"
+        state_dir.mkdir()
+        guest = self.guest()
+        command = self.command(self.write_config({"vm1": guest.path}))
+        command += ["--state-dir", str(state_dir)]
+        first = await self.activate(command)
+        await guest.write(b"before the restart\r\n")
+        page = await connect_v1(first.port, "/c/vm1/ws")
+        await page.wait_text("before the restart")
+        await self.stop(first)
+        state = state_dir / "state"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+        second = await self.activate(command, listener=first.listener)
+        self.assertIn(b"discarded (its checksum does not match", second.server.stderr)
+        await self.serves(second, guest, "vm1")
+        await self.stop(second)
+        state.write_bytes(b"not a state at all\n" * 200)
+        third = await self.activate(command, listener=first.listener)
+        self.assertIn(b"discarded (not a cloud-console state)", third.server.stderr)
+        client = await connect_v1(third.port, "/c/vm1/ws")
+        await client.wait_for(lambda c: bool(c.events_of("hello")))
+        self.assertNotEqual(client.events_of("hello")[0]["session"], page.events_of("hello")[0]["session"])
+        self.assertNotIn("before the restart", client.text())
+        await self.serves(third, guest, "vm1")
+        await self.stop(third)
 
     async def test_removed_console_leaves_the_store(self) -> None:
         """
