@@ -125,6 +125,9 @@ class ConsoleService(MultiService):
             for reload in self.reloads:
                 reload()
         finally:
+            journal = self.keeper.journal if self.keeper is not None else None
+            if journal is not None:
+                journal.compact()  # settings changed in place start a fresh snapshot
             self.notifier.ready(self._status_line())
 
     def stopService(self) -> Any:
@@ -204,11 +207,13 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
     keeper = StateKeeper(store, options.get("state-dir"))
     saved = keeper.load()
     if options["multi"]:
-        service = _build_fleet(options, reactor, store, saved)
+        service = _build_fleet(options, reactor, store, saved, keeper)
     else:
         service = _build_single(options, reactor, store, saved)
     service.notifier = notifier
     service.keeper = keeper
+    # Before the reactor runs, so before the first byte is read.
+    keeper.start_journal(service.consoles())
     for name in sorted(saved):
         service._log.info("saved state of console {name} dropped: it is not configured", name=name)
     if store is not None:
@@ -346,15 +351,21 @@ def _build_fleet(
     reactor: Any,
     store: FdStore | None = None,
     saved: dict[str, ConsoleState] | None = None,
+    keeper: StateKeeper | None = None,
 ) -> ConsoleService:
     limits = ConsoleLimits(options["max-stall"])
     run_blocking = _thread_runner(reactor)
     states = saved if saved is not None else {}
-    registry = ConsoleRegistry(
-        lambda spec: build_console(
+
+    def build(spec: ConsoleSpec) -> Console:
+        console = build_console(
             spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None)
         )
-    )
+        if keeper is not None and keeper.journal is not None:
+            keeper.journal.add(console)  # added by a reload: it joins the journal
+        return console
+
+    registry = ConsoleRegistry(build)
     try:
         sources = ConsoleSources(options)
     except ConfigError as e:

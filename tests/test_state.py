@@ -16,7 +16,19 @@ from cloud_console.console.console import build_console, console_state
 from cloud_console.console.history import History
 from cloud_console.console.sources import parse_source
 from cloud_console.console.spec import ConsoleSpec
-from cloud_console.console.state import STATE_VERSION, ConsoleState, StateError, decode, encode
+from cloud_console.console.state import (
+    RECORD_SNAPSHOT,
+    STATE_VERSION,
+    ConsoleState,
+    StateError,
+    boot_record,
+    decode,
+    encode,
+    journal_header,
+    journal_record,
+    output_record,
+    replay_journal,
+)
 
 
 def feed(history: History, randomness: random.Random, count: int, clock: list[float]) -> None:
@@ -164,3 +176,72 @@ class _Device:
     def close(self) -> None:
         pass
 
+
+
+class _ListRecorder:
+    """A journal in memory: the records a multiplexer's changes make."""
+
+    def __init__(self, number: int, pieces: list[bytes]) -> None:
+        self.number = number
+        self.pieces = pieces
+
+    def appended(self, offset: int, data: bytes, now: float) -> None:
+        self.pieces += output_record(self.number, offset, now, data)
+
+    def boot(self, offset: int) -> None:
+        self.pieces += boot_record(self.number, offset)
+
+
+class JournalTests(SynchronousTestCase):
+    """The journal rebuilds a history exactly as it was last written."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        spec = ConsoleSpec(
+            name="vm1", source=parse_source("unix:/run/vm1.sock"), title="vm1",
+            history_size=4096, head_size=1024,
+        )
+        self.console = build_console(spec, self.reactor)
+        self.multiplexer = self.console.multiplexer
+        self.multiplexer.output_received(b"before the journal\r\n")
+        self.pieces = [journal_header(7)]
+        self.pieces += journal_record(RECORD_SNAPSHOT, encode([console_state(self.console)]))
+        self.multiplexer.recorder = _ListRecorder(0, self.pieces)
+
+    def write(self, count: int) -> None:
+        randomness = random.Random(count)
+        for _ in range(count):
+            self.reactor.advance(randomness.choice([0.01, 0.3, 4.0]))
+            self.multiplexer.output_received(randomness.randbytes(randomness.randint(1, 3000)))
+
+    def test_replay_is_the_history(self) -> None:
+        """Snapshot, output, a new boot, more output: replayed, the same state."""
+        self.write(30)
+        self.multiplexer.console_up(_Device(), "reopened")
+        self.write(30)
+        replayed = replay_journal(b"".join(self.pieces))
+        self.assertEqual(replayed.generation, 7)
+        self.assertEqual(replayed.torn, 0)
+        self.assertEqual(replayed.states, {"vm1": console_state(self.console)})
+
+    def test_torn_last_record_dropped(self) -> None:
+        """A record cut by a kill ends the journal: the history as before that read."""
+        self.write(10)
+        expected = console_state(self.console)
+        self.multiplexer.output_received(b"x" * 500)
+        data = b"".join(self.pieces)
+        replayed = replay_journal(data[:-200])
+        self.assertEqual(replayed.states, {"vm1": expected})
+        self.assertGreater(replayed.torn, 0)
+
+    def test_records_that_do_not_follow_refused(self) -> None:
+        """Output at an offset that does not follow the history refuses the whole journal."""
+        self.write(3)
+        self.pieces += output_record(0, 10, 1.0, b"out of place")
+        self.assertRaises(StateError, replay_journal, b"".join(self.pieces))
+
+    def test_not_a_journal(self) -> None:
+        """A blob or random bytes are not a journal."""
+        self.assertRaises(StateError, replay_journal, encode([console_state(self.console)]))
+        self.assertRaises(StateError, replay_journal, random.Random(2).randbytes(1000))

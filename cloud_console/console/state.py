@@ -17,6 +17,7 @@ import json
 import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,3 +132,131 @@ def decode(data: bytes) -> dict[str, ConsoleState]:
             raise
         raise StateError(f"malformed: {e}") from e
     return states
+
+
+# -- the journal: a state that follows the history as it is written ----------------------
+#
+# Under systemd the state is kept as a journal in a memfd: a snapshot of every console
+# (the blob above), then a record for each change to a history as it happens (output
+# appended, a boot begun, a console added). Replaying it rebuilds each history exactly as
+# it was when the process last wrote to it, so a process killed outright (kill -9) loses
+# only what it had read and not yet recorded. Each record carries its length and a CRC-32:
+# the first that does not check out (a record cut by the kill) ends the journal.
+
+JOURNAL_MAGIC = b"CCJRNL\0\0"
+_JOURNAL_HEADER = struct.Struct("!8sIQ")
+_RECORD = struct.Struct("!IIB")
+_OUTPUT = struct.Struct("!IQd")
+_BOOT = struct.Struct("!IQ")
+_ID = struct.Struct("!I")
+
+RECORD_SNAPSHOT = 1
+RECORD_ADD = 2
+RECORD_OUTPUT = 3
+RECORD_BOOT = 4
+
+
+def journal_header(generation: int) -> bytes:
+    """The journal's first bytes: magic, format version, generation (one more each time)."""
+    return _JOURNAL_HEADER.pack(JOURNAL_MAGIC, STATE_VERSION, generation)
+
+
+def journal_record(kind: int, *parts: bytes) -> list[bytes]:
+    """A record of C{kind} whose body is C{parts}, as pieces for one C{writev}."""
+    length = sum(len(part) for part in parts)
+    crc = zlib.crc32(bytes([kind]))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [_RECORD.pack(length, crc, kind), *parts]
+
+
+def output_record(console: int, offset: int, now: float, data: bytes) -> list[bytes]:
+    """Output C{data} appended at C{offset} of console number C{console}, at C{now}."""
+    return journal_record(RECORD_OUTPUT, _OUTPUT.pack(console, offset, now), data)
+
+
+def boot_record(console: int, offset: int) -> list[bytes]:
+    return journal_record(RECORD_BOOT, _BOOT.pack(console, offset))
+
+
+def add_record(console: int, state: ConsoleState) -> list[bytes]:
+    """Console number C{console} is C{state} from here on (added, or replaced)."""
+    return journal_record(RECORD_ADD, _ID.pack(console), encode([state]))
+
+
+@dataclass
+class Replayed:
+    """What a journal held: its generation, the consoles' states, records cut short."""
+
+    generation: int
+    states: dict[str, ConsoleState]
+    #: Bytes at the end that were not a whole record (cut by a kill, most likely).
+    torn: int
+
+
+def replay_journal(data: bytes | memoryview) -> Replayed:
+    """
+    Rebuild the consoles' states from a journal.
+
+    @raise StateError: not a journal, another version, a snapshot that does not check
+        out, or records that do not follow from each other.
+    """
+    from .history import History
+
+    view = memoryview(data)
+    if len(view) < _JOURNAL_HEADER.size:
+        raise StateError(f"{len(view)} bytes: too short to be a state")
+    magic, version, generation = _JOURNAL_HEADER.unpack_from(view)
+    if magic != JOURNAL_MAGIC:
+        raise StateError("not a cloud-console state")
+    if version != STATE_VERSION:
+        raise StateError(f"format version {version}, this is version {STATE_VERSION}")
+    consoles: dict[int, tuple[ConsoleState, History]] = {}
+
+    def take(number: int, state: ConsoleState) -> None:
+        history = History(state.history.capacity, state.history.head_size)
+        try:
+            history.restore(state.history)
+        except ValueError as e:
+            raise StateError(f"console {state.name!r}: {e}") from e
+        consoles[number] = (state, history)
+
+    position = _JOURNAL_HEADER.size
+    snapshot = False
+    while position + _RECORD.size <= len(view):
+        length, crc, kind = _RECORD.unpack_from(view, position)
+        body = view[position + _RECORD.size : position + _RECORD.size + length]
+        if len(body) != length or zlib.crc32(body, zlib.crc32(bytes([kind]))) != crc:
+            break
+        position += _RECORD.size + length
+        if kind == RECORD_SNAPSHOT:
+            consoles.clear()
+            for number, state in enumerate(decode(bytes(body)).values()):
+                take(number, state)
+            snapshot = True
+        elif not snapshot:
+            raise StateError("records before the snapshot")
+        elif kind == RECORD_ADD:
+            (number,) = _ID.unpack_from(body)
+            for state in decode(bytes(body[_ID.size :])).values():
+                take(number, state)
+        elif kind == RECORD_OUTPUT:
+            number, offset, now = _OUTPUT.unpack_from(body)
+            entry = consoles.get(number)
+            if entry is None or entry[1].end != offset:
+                raise StateError(f"output at {offset} does not follow (console {number})")
+            entry[1].append(body[_OUTPUT.size :], now)
+        elif kind == RECORD_BOOT:
+            number, offset = _BOOT.unpack_from(body)
+            entry = consoles.get(number)
+            if entry is None or entry[1].end != offset:
+                raise StateError(f"a boot at {offset} does not follow (console {number})")
+            entry[1].begin_boot()
+        else:
+            raise StateError(f"unknown record {kind}")
+    if not snapshot:
+        raise StateError("no snapshot in it")
+    states: dict[str, ConsoleState] = {}
+    for state, history in consoles.values():
+        states[state.name] = ConsoleState(state.name, state.source, state.session, history.export())
+    return Replayed(generation, states, len(view) - position)
