@@ -28,6 +28,11 @@ and against OpenSSH's sshd relaying the same pty with cat (needs openssh-client 
 openssh-server's sshd; the bench starts its own instance: own config, host key and
 authorized_keys in the run's directory, a loopback port).
 
+"restart" (bench/restart.py) restarts one process serving the largest --fleet-sizes
+consoles (1,000) as systemd does with the descriptor store (a stand-in PID 1 keeps the
+descriptors and the state's memfd): the times to READY=1 at the first start, to stop, and
+to READY=1 and serving again, and the state's size, with 64 KiB of output per console.
+
 "timeindex" (bench/timeindex.py) measures the history's time index in the server's
 Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
 its CPU per MiB on the output path, with and without it.
@@ -60,6 +65,7 @@ except ImportError:
 
 import fleet  # noqa: E402
 import report  # noqa: E402
+import restart  # noqa: E402
 import scenarios  # noqa: E402
 import timeindex  # noqa: E402
 import procs  # noqa: E402
@@ -74,7 +80,8 @@ CC_COMMAND = (
     "{python} -m cloud_console.cli {pty} {host} {port} --history-size {history} --head-size 0"
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
-ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex")
+ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex",
+       "restart")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -265,6 +272,9 @@ def main(argv: list[str]) -> int:
 
         if "timeindex" in args.scenarios:
             attempt(("timeindex", report.CC), timeindex.measure)
+        if "restart" in args.scenarios:
+            attempt(("restart", report.CC), restart.restart,
+                    restart.RestartOptions(args.fleet_sizes[-1], 64 * 1024))
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:

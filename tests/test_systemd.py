@@ -4,7 +4,11 @@ cloud-console.socket (the listening socket inherited as fd 3, LISTEN_FDS, LISTEN
 LISTEN_PID), with the command line of cloud-console.service; the hardening the unit asks
 for checked against what the daemon really does (the kernel's PR_SET_MDWE for
 MemoryDenyWriteExecute=, a trace of its system calls for SystemCallFilter=); and
-C{systemd-analyze verify} on the units where it is installed.
+C{systemd-analyze verify} on the units where it is installed. Restarts under a stand-in for
+PID 1 (L{tests.helpers.ServiceManager}: the notification socket and the descriptor store,
+the stored descriptors passed back at 4.. after the socket) with a QEMU-like socket
+console: SIGTERM and kill -9 while the guest writes lose no byte and an open page resumes;
+the same without the store shows the loss; C{--state-dir}; states refused.
 """
 
 from __future__ import annotations
