@@ -43,9 +43,14 @@ def inherited_named_fds() -> dict[str, int]:
     (it deletes C{LISTEN_PID} and C{LISTEN_FDS} from the environment then, so reading
     the environment now would find nothing).
     """
-    from twisted.internet.endpoints import _SystemdParser
+    from twisted.internet import endpoints
 
-    return _SystemdParser._sddaemon.inheritedNamedDescriptors()
+    parser = getattr(endpoints, "_SystemdParser", None)
+    descriptors = getattr(parser, "_sddaemon", None)
+    if descriptors is None:  # a Twisted that keeps them elsewhere: none are found
+        return {}
+    named: dict[str, int] = descriptors.inheritedNamedDescriptors()
+    return named
 
 
 class Notifier:
