@@ -10,7 +10,9 @@ MiB = 1 << 20
 CC = "cloud-console"
 PEER = "terminado"
 BIG = "cc-bighist"  # cloud-console with a history as large as the workload
-SSH_DOORS = {"websocket": "cc websocket", "ssh": "cc ssh", "sshd": "sshd + cat"}
+AUDITED = "cc-audit"  # cloud-console with --audit-log FILE --audit-input
+SSH_DOORS = {"websocket": "cc websocket", "ssh": "cc ssh", "sshd": "sshd + cat",
+             "beside-stopped-ssh": "ws + stopped ssh"}
 
 
 def _mib(n: float) -> str:
@@ -180,6 +182,19 @@ class Report:
             f"(index +{cpu['index_ms_per_mib']:.3f} ms/MiB, no clients)",
         ]
 
+    def _audit(self, r: dict) -> list[str]:
+        out, typed = r["output"], r["input"]
+        lines = [
+            f"output path CPU {out['without']:.3f} -> {out['audit']:.3f} ms/MiB with an audit log "
+            f"({out['audit_ms_per_mib']:+.3f}; 10 audited viewers, nothing per read)",
+        ]
+        for size, row in typed.items():
+            lines.append(
+                f"input path, {size} messages: {row['without']:.2f} ms/MiB, with an audit log "
+                f"{row['audit']:.2f}, with --audit-input {row['audit_input']:.2f}"
+            )
+        return lines
+
     def _fleet(self, r: dict, part: str) -> list[str]:
         return self._fleet_host(r) if part == "host" else self._fleet_neighbour(r)
 
@@ -280,6 +295,7 @@ class Report:
               f"{'ms/MiB':>9}{'CPU: terminado/this':>21}")
         ceiling = {CC: self.get("baseline", "raw pty", "master->slave"),
                    BIG: self.get("baseline", "raw pty", "master->slave"),
+                   AUDITED: self.get("baseline", "raw pty", "master->slave"),
                    PEER: self.get("baseline", "raw pty", "slave->master")}
         for (kind, name, *rest), r in self.results.items():
             if kind != "throughput" or "per_client" not in r or r["n_errors"]:
@@ -358,6 +374,7 @@ class Report:
                          "exact" if h.get("exact") else "wrong", "exact", bool(h.get("exact"))))
         rows += self._fleet_goals()
         rows += self._ssh_goals()
+        rows += self._incident_goals()
         raw = self.get("latency", "raw pty", 0)
         print("\ndesign goals (cloud-console)" + (
             f"; bare pty echo p99 now: {raw['p99']:.0f} us" if "p99" in raw else ""))
@@ -365,6 +382,21 @@ class Report:
             print(f"  {what:<54}{got:>12}  {want:<12}{'met' if ok else 'MISSED'}")
         print("  [big hist.]: measured on cc-bighist, because the default history closed "
               "clients")
+
+    def _incident_goals(self) -> list[tuple[str, str, str, bool]]:
+        """
+        The time index and the audit log together: at most 5 % more CPU per MiB of the
+        guest's output than the server spends on it for one viewer (their per-MiB costs
+        in the server's Python, against the end-to-end figure of the same run).
+        """
+        index = self.get("timeindex", CC).get("cpu", {}).get("index_ms_per_mib")
+        audit = self.get("audit", CC).get("output", {}).get("audit_ms_per_mib")
+        base = self.get("throughput", CC, 1).get("cpu_ms_per_mib")
+        if index is None or audit is None or not base:
+            return []
+        share = (index + max(audit, 0.0)) / base
+        return [("time index + audit log <= +5 % CPU/MiB (1 client)",
+                 f"{share * 100:.1f} %", "<= 5 %", share <= 0.05)]
 
     def _ssh_figure(self, door: str, n: int) -> float | None:
         x = self.get("ssh", CC).get("figures", {}).get(f"{door} {n}", {})
@@ -397,6 +429,12 @@ class Report:
             if od is not None:
                 rows.append((f"ssh: CPU/MiB, {n} viewer(s) <= sshd + cat", f"{ss:.2f} ms",
                              f"<= {od:.2f} ms", ss <= od))
+            figures = self.get("ssh", CC).get("figures", {})
+            alone, beside = figures.get(f"websocket {n}", {}), figures.get(f"beside-stopped-ssh {n}", {})
+            if alone.get("per_client") and beside.get("per_client"):
+                ratio = beside["per_client"] / alone["per_client"]
+                rows.append((f"ssh: {n} page(s) beside a stopped ssh keep their pace", f"{ratio:.2f}x",
+                             ">= 0.9x", ratio >= 0.9))
         return rows
 
     def _fleet_goals(self) -> list[tuple]:

@@ -33,6 +33,11 @@ consoles (1,000) as systemd does with the descriptor store (a stand-in PID 1 kee
 descriptors and the state's memfd): the times to READY=1 at the first start, to stop, and
 to READY=1 and serving again, and the state's size, with 64 KiB of output per console.
 
+"audit" (bench/audit.py) is the audit log's cost: the output path with and without it (10
+audited viewers), the input path (typing and pastes) without it, with it and with
+--audit-input, in the server's Python; and the throughput runs again on a server with
+--audit-log FILE --audit-input (cc-audit), server CPU per MiB beside cloud-console's.
+
 "timeindex" (bench/timeindex.py) measures the history's time index in the server's
 Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
 its CPU per MiB on the output path, with and without it.
@@ -68,6 +73,7 @@ import report  # noqa: E402
 import restart  # noqa: E402
 import scenarios  # noqa: E402
 import timeindex  # noqa: E402
+import audit  # noqa: E402
 import procs  # noqa: E402
 import ssh  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
@@ -81,7 +87,7 @@ CC_COMMAND = (
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
 ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex",
-       "restart")
+       "restart", "audit")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -210,6 +216,10 @@ def main(argv: list[str]) -> int:
     if args.big_history:
         big = (args.big_history if args.big_history > 0 else args.mb + 4) * scenarios.MiB
         servers.append(ServerSpec(report.BIG, "attach", "raw", "/ws", args.server_cmd, big))
+    if "audit" in args.scenarios:
+        # The same server writing an audit log (throughput only): CPU per MiB beside it.
+        servers.append(ServerSpec(report.AUDITED, "attach", "raw", "/ws", args.server_cmd
+                                  + f" --audit-log {os.path.join(workdir, 'audit.log')} --audit-input"))
     if not args.no_peer:
         servers.append(ServerSpec("terminado", "spawn", "terminado", "/websocket",
                                   TERMINADO_COMMAND))
@@ -235,6 +245,11 @@ def main(argv: list[str]) -> int:
         for spec in servers:
             peer = spec.name == report.PEER
             big = spec.name == report.BIG
+            if spec.name == report.AUDITED:
+                for n in args.clients:
+                    attempt(("throughput", spec.name, n), scenarios.throughput, spec, n,
+                            args.client_procs, args.repeat, None)
+                continue
             if "throughput" in args.scenarios:
                 for n in (args.peer_clients if peer else args.clients):
                     profile = None
@@ -275,6 +290,8 @@ def main(argv: list[str]) -> int:
         if "restart" in args.scenarios:
             attempt(("restart", report.CC), restart.restart,
                     restart.RestartOptions(args.fleet_sizes[-1], 64 * 1024))
+        if "audit" in args.scenarios:
+            attempt(("audit", report.CC), audit.measure)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     finally:

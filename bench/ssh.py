@@ -55,8 +55,9 @@ from procs import (  # noqa: E402
 from scenarios import Context, MiB, _stream, _tag  # noqa: E402
 from workload import load, marker  # noqa: E402
 
-#: The doors, in the order each round runs them.
-DOORS = ("websocket", "ssh", "sshd")
+#: The doors, in the order each round runs them ("beside-stopped-ssh": the WebSocket
+#: viewers again, with a stopped ssh viewer on the console).
+DOORS = ("websocket", "ssh", "sshd", "beside-stopped-ssh")
 CONSOLE = "vm1"
 
 
@@ -325,7 +326,60 @@ def _run_sshd(ctx: Context, kit: Kit, n: int, procs: int) -> dict:
                 pass
 
 
-RUNNERS = {"websocket": _run_websocket, "ssh": _run_ssh, "sshd": _run_sshd}
+def _run_beside_stopped(ctx: Context, kit: Kit, n: int, procs: int) -> dict:
+    """
+    The WebSocket viewers' pace with an ssh viewer attached and stopped (SIGSTOP, as a
+    suspended terminal): the console waits for it at most --max-stall, once, then no
+    longer; the pages should keep their pace alone (compare with C{websocket} at C{n}).
+    """
+    port = free_port()
+    session = ctx.session(_cc_spec(kit, port, ctx.history))
+    stopped = None
+    try:
+        wait_listening(session.proc, port)
+        stopped = subprocess.Popen(kit.ssh_argv(port, CONSOLE, None, verbose=False),
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + ctx.timeout
+        while _viewers(session.port) < 1:
+            if time.monotonic() > deadline or stopped.poll() is not None:
+                raise BenchError("the ssh viewer did not attach")
+            time.sleep(0.05)  # polling the API for the attach; not a measured wait
+        stopped.send_signal(signal.SIGSTOP)
+        out = _stream(ctx, session, n, procs)
+        out["stalls"] = _count_in_log(session, "the console no longer waits for it")
+        return out
+    finally:
+        if stopped is not None:
+            stopped.send_signal(signal.SIGCONT)
+            stopped.kill()
+            stopped.wait()
+        session.close()
+
+
+def _viewers(port: int) -> int:
+    """Viewers of the console now, from the server's API (0 while it is not answering)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/api/consoles", timeout=2) as r:
+            return int(json.loads(r.read())["consoles"][0]["viewers"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def _count_in_log(session: Session, text: str) -> int | None:
+    """How often C{text} is in the server's log (C{None} if it cannot be read)."""
+    try:
+        with open(session.proc.log_path, errors="replace") as f:  # type: ignore[attr-defined]
+            return f.read().count(text)
+    except (OSError, AttributeError):
+        return None
+
+
+RUNNERS = {"websocket": _run_websocket, "ssh": _run_ssh, "sshd": _run_sshd,
+           "beside-stopped-ssh": _run_beside_stopped}
 
 
 def ssh(ctx: Context, opts: SshOptions, client_procs: int = 2) -> dict:

@@ -20,6 +20,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from .access.audit import NO_AUDIT, Audit, AuditLog, AuditLogError
 from .access.policy import CredentialFileError
 from .console.console import Console, ConsoleLimits, build_console, console_state
 from .console.state import ConsoleState
@@ -69,8 +70,10 @@ class ConsoleService(MultiService):
         self.site: ConsoleSite | None = None
         self.websocket_factory: ConsoleServerFactory | None = None
         self.on_sighup: Callable[[], None] | None = None
-        #: More to reload on SIGHUP (the SSH door's keys).
+        #: More to reload on SIGHUP (the SSH door's keys, the audit log).
         self.reloads: list[Callable[[], None]] = []
+        #: The audit log (C{--audit-log}), if any.
+        self.audit: AuditLog | None = None
         self._previous_sighup: Any = None
         #: The service manager (systemd), told when start-up and reloads are done.
         self.notifier = Notifier(None)
@@ -145,6 +148,23 @@ class ConsoleService(MultiService):
 
             stopped.addCallback(save)
         return stopped
+
+
+def _audit(service: ConsoleService, options: Any, reactor: Any) -> Audit:
+    """
+    The audit log, where C{--audit-log} asks for one (reopened on SIGHUP); else nothing.
+
+    @raise StartupError: it cannot be opened.
+    """
+    if not options.get("audit-log"):
+        return NO_AUDIT
+    try:
+        audit = AuditLog(options["audit-log"], reactor, bool(options.get("audit-input")))
+    except AuditLogError as e:
+        raise StartupError(str(e)) from e
+    service.reloads.append(audit.reopen)
+    service.audit = audit
+    return audit
 
 
 def _settings(options: Any, **more: Any) -> ConsoleSettings:
@@ -264,7 +284,13 @@ def _build_single(
     service.log_sink = console.log_sink
     if console.log_sink is not None:
         service.on_sighup = console.log_sink.reopen
-    settings = _settings(options, refusals=RefusalCounts())
+    try:
+        audit = _audit(service, options, reactor)
+    except StartupError:
+        if console.follower.device is not None:
+            console.follower.device.close()
+        raise
+    settings = _settings(options, refusals=RefusalCounts(), audit=audit)
     if settings.origins.allow_any:
         service._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
     try:
@@ -284,7 +310,7 @@ def _build_single(
     service.site = site
     service.websocket_factory = factory
     _listen(service, options, site, reactor)
-    _listen_ssh(service, options, OneConsole(console), reactor)
+    _listen_ssh(service, options, OneConsole(console), reactor, audit)
     return service
 
 
@@ -397,8 +423,10 @@ def _build_fleet(
         # Once the watcher watches: an entry made between the first scan and then counts.
         reactor.callWhenRunning(rescan)
     refusals = RefusalCounts()
+    audit = _audit(service, options, reactor)
     settings = _settings(
         options,
+        audit=audit,
         refusals=refusals,
         max_clients_total=options["max-clients-total"],
         total_viewers=lambda: registry.viewer_count,
@@ -417,7 +445,7 @@ def _build_fleet(
     except CredentialFileError as e:
         raise StartupError(str(e)) from e
     service.site = site
-    door = _listen_ssh(service, options, FleetConsoles(registry), reactor)
+    door = _listen_ssh(service, options, FleetConsoles(registry), reactor, audit)
     fleet.fronts = lambda: _front_counts(registry, refusals, door)
     if options["metrics-port"]:
         metrics_site = ConsoleSite(fleet.metrics_root())
@@ -462,7 +490,9 @@ class FleetConsoles:
         return self.registry.viewer_count
 
 
-def _listen_ssh(service: ConsoleService, options: Any, consoles: ConsoleDirectory, reactor: Any) -> SSHDoor | None:
+def _listen_ssh(
+    service: ConsoleService, options: Any, consoles: ConsoleDirectory, reactor: Any, audit: Audit = NO_AUDIT
+) -> SSHDoor | None:
     """
     The SSH door, where C{--ssh-port} asks for it: the host key (made if missing), the
     keyring (reloaded with the rest on SIGHUP), the listening ports.
@@ -483,7 +513,7 @@ def _listen_ssh(service: ConsoleService, options: Any, consoles: ConsoleDirector
         max_clients=options["max-clients"],
         max_clients_total=options["max-clients-total"],
     )
-    door = SSHDoor(consoles, settings, reactor)
+    door = SSHDoor(consoles, settings, reactor, audit=audit)
     factory = ConsoleSSHFactory(door, host_key, keyring)
     service._log.info("SSH door algorithms: {algorithms}", algorithms=factory.algorithms())
     for description in options["ssh-port"]:

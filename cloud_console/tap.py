@@ -74,6 +74,11 @@ class Options(usage.Options):
             "Follow the console: when it goes away (reboot, VMM restart), keep the clients "
             "and the history and open the source again (resolved anew) until it is back.",
         ],
+        [
+            "audit-input",
+            None,
+            "With --audit-log, log what is typed too (base64), not only how many bytes.",
+        ],
     ]
     optParameters = [
         ["pty", None, None, "Same as --console pty:PATH."],
@@ -194,6 +199,13 @@ class Options(usage.Options):
             "serial: N, id: KEY_ID lines); reloaded on SIGHUP.",
         ],
         ["ssh-escape", None, "^Ec", "The SSH door's escape prefix (a control character and a letter)."],
+        [
+            "audit-log",
+            None,
+            None,
+            "Append who attached, typed (bytes per burst), detached or was refused, as JSON "
+            "lines, to this file (reopened on SIGHUP).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -247,6 +259,8 @@ class Options(usage.Options):
         self["ssh-port"].append(description)
 
     def postOptions(self) -> None:
+        if self["audit-input"] and not self["audit-log"]:
+            raise usage.UsageError("--audit-input needs --audit-log FILE")
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
         self._ssh()

@@ -359,9 +359,11 @@ class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
         self.closed.callback((code, reason))
 
 
-async def connect_v1(port: int, path: str = "/ws") -> V1Client:
-    """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port}."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"])
+async def connect_v1(port: int, path: str = "/ws", headers: dict[str, str] | None = None) -> V1Client:
+    """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port} (C{headers}: a credential)."""
+    factory = WebSocketClientFactory(
+        f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"], headers=headers
+    )
     factory.protocol = V1Client
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     client: V1Client = await endpoint.connect(factory)
@@ -620,6 +622,49 @@ def ssh_sign(ca: Path, key: Path, identity: str, principals: str, *extra: str) -
     """C{ssh-keygen -s CA -I IDENTITY -n PRINCIPALS [EXTRA] KEY.pub}: the certificate's path."""
     ssh_keygen_run("-q", "-s", str(ca), "-I", identity, "-n", principals, *extra, f"{key}.pub")
     return Path(f"{key}-cert.pub")
+
+
+class FileWatch:
+    """
+    A file's lines, read again whenever inotify says its directory changed (written,
+    created, moved: a rotation too); L{wait_for} fires once a condition on them holds.
+    Never a sleep or a poll: the kernel says when to look.
+    """
+
+    def __init__(self, test: TestCase, path: Path) -> None:
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        self.path = path
+        self._waiters: list[tuple[Callable[[list[str]], bool], defer.Deferred[None]]] = []
+        self._notifier = inotify.INotify()
+        self._notifier.startReading()
+        test.addCleanup(self._notifier.connectionLost, None)
+        mask = inotify.IN_MODIFY | inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+        self._notifier.watch(FilePath(str(path.parent)), mask, callbacks=[self._changed])
+
+    def lines(self) -> list[str]:
+        """The file's lines now ([] while it does not exist)."""
+        try:
+            return self.path.read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _changed(self, *args: Any) -> None:
+        lines = self.lines()
+        for waiter in list(self._waiters):
+            if waiter[0](lines):
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    def wait_for(self, condition: Callable[[list[str]], bool]) -> defer.Deferred[None]:
+        """Fires once C{condition(lines)} holds (at once if it does now)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if condition(self.lines()):
+            d.callback(None)
+        else:
+            self._waiters.append((condition, d))
+        return d
 
 
 def capture_log(test: TestCase) -> list[dict[str, Any]]:

@@ -401,12 +401,32 @@ class RestrictedFileTests(SynchronousTestCase):
             (b"4123456789abcdef", Access("token #5", True, ("db?",))),
         ])
 
+    def test_token_name(self) -> None:
+        """name=NAME is the token's identity, in any place on the line; unnamed lines stay token #N."""
+        tokens = load_token_file(self.write(
+            "0123456789abcdef name=alice\n1123456789abcdef read-only name=bob.ops@example consoles=db1\n"
+            "2123456789abcdef\n"
+        ))
+        self.assertEqual(tokens, [
+            (b"0123456789abcdef", Access("alice", False)),
+            (b"1123456789abcdef", Access("bob.ops@example", True, ("db1",))),
+            (b"2123456789abcdef", Access("token #3", False)),
+        ])
+        e = self.assertRaises(
+            CredentialFileError, load_password_file,
+            self.write(f"alice:{hash_password('pw', FAST)}:name=bob\n"),
+        )
+        self.assertIn("unknown field 'name=bob'", str(e))
+
     def test_token_bad_fields(self) -> None:
         """Unknown or repeated fields, bad patterns, too many fields: errors with file and line."""
         for rest, why in (
             ("admin", "unknown field 'admin'"), ("read-only read-only", "role is given twice"),
             ("consoles=a consoles=b", "consoles= given twice"), ("consoles=a/b", "'/'"),
-            ("consoles=", "empty console pattern"), ("read-only consoles=a x", "expected: token"),
+            ("consoles=", "empty console pattern"), ("read-only consoles=a name=x y", "expected: token"),
+            ("name=a name=b", "name= given twice"), ("name=", "is not a name"),
+            ("name=anonymous", "is not a name"), ("name=-x", "is not a name"),
+            ("name=" + "a" * 65, "is not a name"),
         ):
             path = self.write(f"0123456789abcdef\n\n1123456789abcdef {rest}\n")
             e = self.assertRaises(CredentialFileError, load_token_file, path)

@@ -180,3 +180,57 @@ class IncidentPageTests(BrowserHarness):
         cols, rows = page.evaluate("() => [window.cloudConsole.term.cols, window.cloudConsole.term.rows]")
         self.assertEqual((header["version"], header["width"], header["height"]), (2, cols, rows))
         self.assertEqual(watched.errors, [])
+
+
+class WhoListPageTests(BrowserHarness):
+    """The page's "N watching" opens who is on the console."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.guest = Guest()
+        self.addCleanup(self.guest.hang_up)
+
+    def test_who_list_two_named_pages(self) -> None:
+        """
+        Two pages signed in with two named tokens: clicking "2 watching" on either lists
+        both names (front door, address, mode); Escape closes it; when one leaves the
+        other's open list follows.
+        """
+        tokens = self.tmp / "tokens"
+        tokens.write_text("alice-0123456789abcdef name=alice\nbob-0123456789abcdef read-only name=bob\n")
+        server = self.serve(self.guest.path, "--token-file", str(tokens))
+        # One browser profile: each page's WebSocket carries the cookie its own ?token= set.
+        alice = self.open_page(self.url(server) + "?token=alice-0123456789abcdef")
+        bob = self.open_page(self.url(server) + "?token=bob-0123456789abcdef")
+        for watched in (alice, bob):
+            watched.wait_for("() => (window.cloudConsole.state().who?.watchers ?? []).length === 2")
+            page = watched.page
+            self.assertEqual(page.text_content("#viewers"), "2 watching")
+            self.assertTrue(page.is_hidden("#who"))
+            page.click("#viewers")
+            self.assertTrue(page.is_visible("#who"))
+            rows = [row.strip() for row in page.locator("#who-list li").all_inner_texts()]
+            self.assertEqual(len(rows), 2, rows)
+            self.assertTrue(rows[0].startswith("alice · web · 127.0.0.1 · read-write · since "), rows)
+            self.assertTrue(rows[1].startswith("bob · web · 127.0.0.1 · read-only · since "), rows)
+            self.assertEqual(page.text_content("#who-note"), "")
+        bob.page.keyboard.press("Escape")
+        self.assertTrue(bob.page.is_hidden("#who"))
+        bob.page.close()
+        alice.wait_for("() => document.querySelectorAll('#who-list li').length === 1")
+        self.assertEqual(alice.page.text_content("#viewers"), "1 watching")
+        self.assertIn("alice", alice.page.text_content("#who-list") or "")
+        self.assertEqual(alice.errors, [])
+
+    def test_index_names_who_is_on(self) -> None:
+        """The index's viewer count, to a credential, names who is on the console."""
+        tokens = self.tmp / "tokens"
+        tokens.write_text("alice-0123456789abcdef name=alice\n")
+        server = self.serve(None, "--console", f"vm1=pty:{self.guest.path}", "--token-file", str(tokens))
+        self.open_page(self.url(server) + "c/vm1/?token=alice-0123456789abcdef")
+        index = self.browser().new_page()
+        index.goto(self.url(server))
+        index.wait_for_function(
+            "() => document.querySelector('td.viewers')?.title === 'on it: alice'"
+        )
+        self.assertEqual(index.text_content("td.viewers"), "1")

@@ -17,6 +17,7 @@ import re
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import TestCase
 
@@ -592,12 +593,26 @@ class LoginTimeoutTests(TestCase):
         from twisted.cred.portal import Portal
         from twisted.internet.task import Clock
 
+        from types import SimpleNamespace
+
+        from cloud_console.access.audit import AuditLog
         from cloud_console.ssh.auth import AuthFailures, ConsoleUserAuth
+
+        clock = Clock()
+        audit_path = self.mktemp()
+        audit = AuditLog(audit_path, clock)
+        self.addCleanup(audit.close)
 
         class Transport:
             def __init__(self) -> None:
                 self.disconnected: list[int] = []
-                self.factory = type("Factory", (), {"portal": Portal(None, []), "auth_failures": AuthFailures()})()
+                self.factory = type("Factory", (), {
+                    "portal": Portal(None, []), "auth_failures": AuthFailures(),
+                    "door": SimpleNamespace(audit=audit),
+                })()
+
+            def getPeer(self) -> Any:
+                return SimpleNamespace(address=SimpleNamespace(host="192.0.2.7"))
 
             def isEncrypted(self, direction: str) -> bool:
                 return True
@@ -606,7 +621,7 @@ class LoginTimeoutTests(TestCase):
                 self.disconnected.append(reason)
 
         auth = ConsoleUserAuth()
-        auth.clock = clock = Clock()
+        auth.clock = clock
         auth.transport = transport = Transport()
         auth.serviceStarted()
         clock.advance(29.9)
@@ -614,6 +629,11 @@ class LoginTimeoutTests(TestCase):
         clock.advance(0.1)
         self.assertEqual(transport.disconnected, [ssh_transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE])
         self.assertEqual(transport.factory.auth_failures.counts, {"timeout": 1})
+        (event,) = [json.loads(line) for line in Path(audit_path).read_text().splitlines()]
+        self.assertEqual(
+            (event["event"], event["front"], event["reason"], event["address"], event["identity"]),
+            ("refused", "ssh", "timeout", "192.0.2.7", "anonymous"),
+        )
 
 
 class SignatureAlgorithmTests(TestCase):

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +52,30 @@ def verify_password(password: str, encoded: str) -> bool:
 
 _FIELD_HELP = "read-only, read-write or consoles=PATTERNS"
 
+#: What a token's C{name=} may be: the identity logged and shown for it.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
 
-def _options(fields: list[str], where: str, name: str) -> Access:
-    """The fields after a password hash or a token: a role and a console list, each once."""
+
+def _options(fields: list[str], where: str, name: str, named: bool = False) -> Access:
+    """
+    The fields after a password hash or a token: a role and a console list, each once;
+    with C{named} (token lines) also C{name=}, the identity that stands for C{name}.
+    """
     read_only: bool | None = None
     consoles: tuple[str, ...] | None = None
+    given_name: str | None = None
     for field in fields:
         key, sep, value = field.partition("=")
-        if sep and key == "consoles":
+        if sep and key == "name" and named:
+            if given_name is not None:
+                raise CredentialFileError(f"{where}: name= given twice")
+            if not _NAME.fullmatch(value) or value == "anonymous":
+                raise CredentialFileError(
+                    f"{where}: name {value!r} is not a name (up to 64 of A-Z a-z 0-9 . _ @ + -, "
+                    "starting with a letter or digit, and not 'anonymous')"
+                )
+            given_name = value
+        elif sep and key == "consoles":
             if consoles is not None:
                 raise CredentialFileError(f"{where}: consoles= given twice")
             try:
@@ -71,8 +88,9 @@ def _options(fields: list[str], where: str, name: str) -> Access:
             if field:
                 read_only = field in ("read-only", "ro")
         else:
-            raise CredentialFileError(f"{where}: unknown field {field!r} (expected {_FIELD_HELP})")
-    return Access(name, bool(read_only), consoles or ())
+            expected = _FIELD_HELP + (" or name=NAME" if named else "")
+            raise CredentialFileError(f"{where}: unknown field {field!r} (expected {expected})")
+    return Access(given_name or name, bool(read_only), consoles or ())
 
 
 def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
@@ -106,8 +124,10 @@ def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
 
 def load_token_file(path: str) -> list[tuple[bytes, Access]]:
     """
-    Read C{TOKEN [read-only] [consoles=web-*,db1]} lines (C{#} comments and blank lines
-    allowed), as (token, access); the access is named C{token #N} after its place.
+    Read C{TOKEN [read-only] [consoles=web-*,db1] [name=NAME]} lines (C{#} comments and
+    blank lines allowed), as (token, access); the access is named C{NAME}, or without a
+    name C{token #N} after its place (the identity the logs, the audit log and the who
+    lists show).
 
     @raise CredentialFileError: unreadable, a token shorter than 16 characters, or a bad
         field.
@@ -124,9 +144,11 @@ def load_token_file(path: str) -> list[tuple[bytes, Access]]:
         where = f"{path} line {number}"
         if len(fields[0]) < 16:
             raise CredentialFileError(f"{where}: a token must be at least 16 characters")
-        if len(fields) > 3:
-            raise CredentialFileError(f"{where}: expected: token [read-only] [consoles=PATTERNS]")
-        access = _options(fields[1:], where, f"token #{len(tokens) + 1}")
+        if len(fields) > 4:
+            raise CredentialFileError(
+                f"{where}: expected: token [read-only] [consoles=PATTERNS] [name=NAME]"
+            )
+        access = _options(fields[1:], where, f"token #{len(tokens) + 1}", named=True)
         tokens.append((fields[0].encode("utf-8"), access))
     return tokens
 

@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..access.audit import NO_AUDIT, Audit
 from ..access.policy import CredentialFileError
 from ..access.sshkeys import (
     AuthorizedKeys,
@@ -176,10 +177,13 @@ class KeyChecker:
         keyring: Keyring,
         failures: AuthFailures,
         now: Callable[[], float] = time.time,
+        audit: Audit = NO_AUDIT,
     ) -> None:
         self.keyring = keyring
         self.failures = failures
         self.now = now
+        #: Where refused logins are audited (C{--audit-log}).
+        self.audit = audit
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         address = getattr(creds, "address", "?")
@@ -196,6 +200,8 @@ class KeyChecker:
                 reason=e.reason,
                 detail=getattr(e, "detail", ""),
             )
+            fingerprint = _blob_fingerprint(creds.algName, creds.blob)
+            self.audit.refused("ssh", e.reason, address, fingerprint, username)
             return defer.fail(error.UnauthorizedLogin(e.reason))
         except conch_error.ValidPublicKey:
             return defer.fail()
@@ -267,8 +273,15 @@ class ConsoleUserAuth(userauth.SSHUserAuthServer):
         return result
 
     def timeoutAuthentication(self) -> None:
-        failures = getattr(getattr(self.transport, "factory", None), "auth_failures", None)
+        factory = getattr(self.transport, "factory", None)
+        failures = getattr(factory, "auth_failures", None)
         if failures is not None:
             failures.count("timeout")
+        audit = getattr(getattr(factory, "door", None), "audit", None)
+        if audit is not None and self.transport is not None:
+            peer = self.transport.getPeer()
+            address = getattr(getattr(peer, "address", None), "host", "?")
+            user = self.user.decode("utf-8", "replace") if self.user else None
+            audit.refused("ssh", "timeout", address, None, user)
         _log.info("SSH connection closed: not authenticated within {seconds} s", seconds=self.loginTimeout)
         userauth.SSHUserAuthServer.timeoutAuthentication(self)

@@ -83,7 +83,7 @@ class ConsoleSSHFactory(factory.SSHFactory):
         self.privateKeys = {host_key.sshType(): host_key}
         self.publicKeys = {host_key.sshType(): host_key.public()}
         self.primes = None
-        self.portal = Portal(_Realm(door), [KeyChecker(keyring, door.failures)])
+        self.portal = Portal(_Realm(door), [KeyChecker(keyring, door.failures, audit=door.audit)])
 
     def buildProtocol(self, addr: Any) -> transport.SSHServerTransport:
         # Not SSHFactory.buildProtocol: it logs, on every connection, that it drops the

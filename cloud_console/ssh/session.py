@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..access.audit import NO_AUDIT, Audit, Trail
 from ..console.console import Console
 from ..console.multiplexer import (
     CLOSE_CONSOLE_CLOSED,
@@ -95,11 +96,14 @@ class SSHDoor:
         settings: SSHSettings,
         clock: IReactorTime,
         failures: AuthFailures | None = None,
+        audit: Audit = NO_AUDIT,
     ) -> None:
         self.consoles = consoles
         self.settings = settings
         self.clock = clock
         self.failures = failures if failures is not None else AuthFailures()
+        #: Where logins refused, sessions and their input are audited (C{--audit-log}).
+        self.audit = audit
         #: Sessions refused for a limit.
         self.refused_limit = 0
 
@@ -157,6 +161,7 @@ class ConsoleChannel(SSHChannel):
         self.door = avatar.door
         self.window: tuple[int, int] | None = None
         self.attachment: Attachment | None = None
+        self.trail: Trail | None = None
         self.console: Console | None = None
         self.reader = EscapeReader(self.door.settings.escape)
         self.started = False
@@ -241,12 +246,12 @@ class ConsoleChannel(SSHChannel):
             self._error(f"console closed: {multiplexer.closed_reason}", EXIT_NO_CONSOLE)
             return
         if multiplexer.viewer_count >= settings.max_clients:
-            self.door.refused_limit += 1
+            self._refused_limit(console, login)
             self._error(f"{settings.max_clients} clients on this console already", EXIT_NO_CONSOLE)
             return
         total = settings.max_clients_total
         if total and self.door.consoles.total_viewers() >= total:
-            self.door.refused_limit += 1
+            self._refused_limit(console, login)
             self._error(f"{total} clients on all consoles already", EXIT_NO_CONSOLE)
             return
         identity = login.identity
@@ -256,6 +261,9 @@ class ConsoleChannel(SSHChannel):
         label = ClientLabel("ssh", identity.name, login.address, self.door.clock.seconds())
         self.attachment = multiplexer.attach(
             self, None, start=False, read_only=read_only, label=label
+        )
+        self.trail = self.door.audit.attached(
+            console.name, label, read_only or multiplexer.read_only
         )
         tcp = getattr(getattr(self.conn, "transport", None), "transport", None)
         if tcp is not None and getattr(tcp, "producer", None) is None:
@@ -273,6 +281,10 @@ class ConsoleChannel(SSHChannel):
         )
         multiplexer.start(self.attachment)
 
+    def _refused_limit(self, console: Console, login: SSHLogin) -> None:
+        self.door.refused_limit += 1
+        self.door.audit.refused("ssh", "limit", login.address, login.identity.name, console.name)
+
     # -- what the user types -------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -289,6 +301,8 @@ class ConsoleChannel(SSHChannel):
         if attachment is None:
             return
         refused = attachment.send_input(data)
+        if self.trail is not None:
+            self.trail.input(data, refused)
         if refused is not None and refused not in self._told:
             self._told.add(refused)  # once per reason, not per keystroke
             self._line(f"input not sent: {refused}")
@@ -451,6 +465,9 @@ class ConsoleChannel(SSHChannel):
         if attachment is None:
             return
         attachment.detach()
+        trail, self.trail = self.trail, None
+        if trail is not None:
+            trail.detached()
         login = self.user.login
         _log.info(
             "SSH session left console {console}: {identity} ({fingerprint}) from {address}",

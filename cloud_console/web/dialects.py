@@ -19,13 +19,47 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from twisted.logger import Logger
 
 from ..console.history import History
 from ..console.inputpath import REFUSED_BACKLOG_FULL
-from ..console.multiplexer import CLOSE_LAGGING, Attachment, Chunk, Multiplexer, skip_marker
+from ..console.multiplexer import (
+    CLOSE_LAGGING,
+    Attachment,
+    Chunk,
+    ClientLabel,
+    Multiplexer,
+    iso_time,
+    skip_marker,
+)
+
+#: The identity of a viewer who came without a credential: counted, never listed.
+ANONYMOUS = "anonymous"
+
+
+def who_is_on(viewers: Iterable[tuple[ClientLabel | None, bool]]) -> dict[str, Any]:
+    """
+    Who is on a console (its L{Multiplexer.viewers}), for the v1 C{clients} message and
+    C{/api/consoles}: every viewer with an identity
+    (oldest first: identity, front door, address, read-only, since), and how many came
+    without one.
+    """
+    watchers = []
+    anonymous = 0
+    for label, read_only in viewers:
+        if label is None or label.identity == ANONYMOUS:
+            anonymous += 1
+            continue
+        watchers.append({
+            "identity": label.identity,
+            "front": label.front,
+            "address": label.address,
+            "readOnly": read_only,
+            "since": iso_time(label.since),
+        })
+    return {"watchers": watchers, "anonymous": anonymous}
 
 
 class Connection(Protocol):
@@ -34,6 +68,8 @@ class Connection(Protocol):
     factory: Any
     attachment: Attachment | None
     peer_name: str
+    #: Whether the viewer came with a credential (and so is told who else is on).
+    identified: bool
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None: ...
 
@@ -42,6 +78,8 @@ class Connection(Protocol):
     def sendClose(self, code: int | None = None, reason: str | None = None) -> None: ...
 
     def close(self, code: int, reason: str) -> Any: ...
+
+    def typed(self, attachment: Attachment, data: bytes) -> str | None: ...
 
 #: The subprotocol with offsets, acknowledgements, resume and status messages.
 SUBPROTOCOL_V1 = "cloud-console.v1"
@@ -84,7 +122,7 @@ class OriginalDialect:
         learns that keystrokes were lost instead of typing on into a quiet connection.
         Other refusals (read-only, console down) stay silent, as in the original tool.
         """
-        refused = attachment.send_input(payload)
+        refused = self.connection.typed(attachment, payload)
         if refused == REFUSED_BACKLOG_FULL:
             self._log.info(
                 "closing peer {peer}: its input was refused ({why})",
@@ -185,7 +223,7 @@ class V1Dialect:
     def message(self, attachment: Attachment, payload: bytes, is_binary: bool) -> None:
         """Binary is input (a refusal is told, with the running total); text is control."""
         if is_binary:
-            refused = attachment.send_input(payload)
+            refused = self.connection.typed(attachment, payload)
             if refused is not None:
                 self.event("input-discarded", bytes=attachment.input_discarded, reason=refused)
             return
@@ -279,7 +317,20 @@ class V1Dialect:
         self.event("skip", bytes=skip_to - skip_from, **{"from": skip_from, "to": skip_to})
 
     def clients_changed(self, count: int) -> None:
-        self.event("clients", count=count)
+        """
+        How many are on; and who, to a viewer with a credential (who may see the
+        console). The list is made once per change and shared by this factory's viewers.
+        """
+        if not self.connection.identified:
+            self.event("clients", count=count)
+            return
+        factory = self.connection.factory
+        multiplexer = factory.multiplexer
+        viewers = tuple(multiplexer.viewers())
+        cached = getattr(factory, "who_cache", None)
+        if cached is None or cached[0] != viewers:
+            cached = factory.who_cache = (viewers, who_is_on(viewers))
+        self.event("clients", count=count, **cached[1])
 
     def console_state(self, up: bool, reason: str, since: str) -> None:
         self.event("console", state="up" if up else "down", reason=reason, since=since)

@@ -32,6 +32,7 @@ from twisted.web import pages, resource, util
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from ..access.audit import NO_AUDIT, Audit
 from ..access.checkers import (
     BearerToken,
     PasswordChecker,
@@ -134,13 +135,17 @@ class AuthGate(resource.Resource):
         basic: bool,
         on_refused: Callable[[str], None] | None = None,
         consoles_under: bytes | None = None,
+        audit: Audit = NO_AUDIT,
     ) -> None:
         """
         @param consoles_under: the path segment the consoles are under (C{b"c"} for
             C{/c/NAME/}), where a signed link is checked against the console it is used
             on; C{None} with one console.
+        @param audit: where a refused credential is audited (a request with none is not:
+            every first visit is one).
         """
         resource.Resource.__init__(self)
+        self.audit = audit
         self.portal = portal
         self.basic = basic
         self.on_refused = on_refused
@@ -228,6 +233,10 @@ class AuthGate(resource.Resource):
                         "{patterns}, not {console}",
                         peer=str(peer), who=access.name, patterns=",".join(access.consoles), console=console,
                     )
+                    self.audit.refused(
+                        "web", "credential", _host(peer), access.name, console,
+                        why="signed link for another console",
+                    )
                     return self._unauthorized()
                 if from_url or request.getHeader(b"upgrade"):
                     self._log.info(
@@ -251,6 +260,12 @@ class AuthGate(resource.Resource):
             failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
             self._log.warn(
                 "authentication failed from {peer}: {why}", peer=str(peer), why=failure.getErrorMessage()
+            )
+            claimed = getattr(creds, "username", None)
+            self.audit.refused(
+                "web", "credential", _host(peer),
+                claimed.decode("utf-8", "replace") if isinstance(claimed, bytes) else None,
+                console, why=failure.getErrorMessage(),
             )
             return self._unauthorized()
 
@@ -280,6 +295,11 @@ class AuthGate(resource.Resource):
         return _Unauthorized(challenge)
 
 
+def _host(address: Any) -> str:
+    """A peer's host (its address without the port), as the who lists show it."""
+    return str(getattr(address, "host", address))
+
+
 class _Unauthorized(resource.Resource):
     isLeaf = True
 
@@ -304,6 +324,7 @@ def build_gate(
     on_refused: Callable[[str], None] | None = None,
     link_secret: str | None = None,
     consoles_under: bytes | None = None,
+    audit: Audit = NO_AUDIT,
 ) -> AuthGate:
     """
     The authenticating root for the given credential files.
@@ -329,4 +350,7 @@ def build_gate(
     if bearer is not None:
         checkers.append(bearer)
     gate_portal = portal.Portal(ConsoleRealm(build_tree), checkers)
-    return AuthGate(gate_portal, basic=bool(password_file), on_refused=on_refused, consoles_under=consoles_under)
+    return AuthGate(
+        gate_portal, basic=bool(password_file), on_refused=on_refused, consoles_under=consoles_under,
+        audit=audit,
+    )

@@ -27,6 +27,7 @@ from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
 from .gate import AuthGate, access_of, build_gate
 from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
+from .dialects import who_is_on
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
 #: Types set explicitly: the system's mime table (which L{static.File} reads) may lack
@@ -120,10 +121,12 @@ class LabelledWebSocketResource(WebSocketResource):
             access.name if access is not None else "anonymous",
             getattr(address, "host", str(address)),
         )
+        self._factory.next_identified = access is not None
         try:
             return WebSocketResource.render(self, request)
         finally:
             self._factory.next_viewer = None
+            self._factory.next_identified = False
 
 
 class HistoryDownload(resource.Resource):
@@ -312,6 +315,7 @@ def build_site(
     gate = build_gate(
         tree_for, password_file, token_file, run_in_thread,
         on_refused=refusals.count if refusals is not None else None, link_secret=link_secret,
+        audit=settings.audit,
     )
     return ConsoleSite(gate, timeout=HTTP_IDLE_TIMEOUT), factory
 
@@ -350,20 +354,30 @@ def _totals(statuses: list[ConsoleStatus]) -> dict[str, int]:
 
 
 class ConsoleList(resource.Resource):
-    """C{GET /api/consoles}: the consoles this credential may see, as JSON."""
+    """
+    C{GET /api/consoles}: the consoles this credential may see, as JSON; with
+    C{watchers} (the identities on each, oldest first; anonymous viewers only counted)
+    where a credential asks.
+    """
 
     isLeaf = True
 
-    def __init__(self, statuses: Callable[[], list[ConsoleStatus]]) -> None:
+    def __init__(
+        self,
+        statuses: Callable[[], list[ConsoleStatus]],
+        watchers: Callable[[str], list[str]] | None = None,
+    ) -> None:
         resource.Resource.__init__(self)
         self.statuses = statuses
+        self.watchers = watchers
 
     def render_GET(self, request: Request) -> bytes:
         statuses = self.statuses()
-        return _json(
-            request,
-            {"consoles": [_console_json(s) for s in statuses], "totals": _totals(statuses)},
-        )
+        consoles = [_console_json(s) for s in statuses]
+        if self.watchers is not None:
+            for body, status in zip(consoles, statuses):
+                body["watchers"] = self.watchers(status.name)
+        return _json(request, {"consoles": consoles, "totals": _totals(statuses)})
 
 
 class Health(resource.Resource):
@@ -466,10 +480,18 @@ class FleetResources:
         tree = console.resources.get(key)
         if tree is None:
             factory = ConsoleServerFactory(
-                console.multiplexer, self.settings, read_only=read_only, title=lambda: console.spec.title
+                console.multiplexer, self.settings, read_only=read_only,
+                title=lambda: console.spec.title, console_name=console.name,
             )
             tree = console.resources[key] = build_tree(console.multiplexer, factory, self.where)
         return tree
+
+    def watchers(self, name: str) -> list[str]:
+        """The identities on console C{name} (anonymous viewers not listed)."""
+        console = self.registry.get(name)
+        if console is None:
+            return []
+        return [w["identity"] for w in who_is_on(console.multiplexer.viewers())["watchers"]]
 
     def statuses_for(self, access: Access) -> Callable[[], list[ConsoleStatus]]:
         return lambda: [s for s in self.registry.statuses() if access.may_see(s.name)]
@@ -485,7 +507,9 @@ class FleetResources:
             root.putChild(b"", MissingFrontend(self.where))
         root.putChild(b"c", ConsolePages(self.registry, access, self.console_tree))
         api = resource.Resource()
-        api.putChild(b"consoles", ConsoleList(self.statuses_for(access)))
+        # Who is on is told to a credential only (not to everyone, without authentication).
+        watchers = self.watchers if access is not EVERYONE else None
+        api.putChild(b"consoles", ConsoleList(self.statuses_for(access), watchers))
         root.putChild(b"api", api)
         registry = metrics_registry(self.statuses_for(access), self.refusals, process=False)
         root.putChild(b"metrics", MetricsPage(lambda request: registry))
@@ -541,7 +565,7 @@ def build_fleet_site(
         return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
     gate: AuthGate = build_gate(
         fleet.root_for, password_file, token_file, run_in_thread, on_refused=fleet.refusals.count,
-        link_secret=link_secret, consoles_under=b"c",
+        link_secret=link_secret, consoles_under=b"c", audit=fleet.settings.audit,
     )
     root = _PublicHealth(Health(fleet.registry, gate.identify), gate)
     return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..access.audit import NO_AUDIT, Audit, Trail
 from ..console.multiplexer import (
     Attachment,
     Chunk,
@@ -64,6 +65,8 @@ class ConsoleSettings:
     total_viewers: Callable[[], int] | None = None
     #: Where refused upgrades are counted (for /metrics).
     refusals: RefusalCounts | None = None
+    #: Where attaches, input, detaches and refusals are audited (C{--audit-log}).
+    audit: Audit = NO_AUDIT
 
 
 @implementer(IPushProducer)
@@ -108,6 +111,10 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     peer_name = "?"
     #: Who the gate let in (identity, address), as the resource told the factory.
     viewer: tuple[str, str] | None = None
+    #: This viewer's part of the audit log, once attached.
+    trail: Trail | None = None
+    #: Whether it came with a credential (and so may be told who else is on).
+    identified = False
 
     @property
     def v1(self) -> bool:
@@ -171,9 +178,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         return SUBPROTOCOL_V1
 
     def _refused(self, reason: str) -> None:
-        refusals = self.factory.settings.refusals
-        if refusals is not None:
-            refusals.count(reason)
+        settings = self.factory.settings
+        if settings.refusals is not None:
+            settings.refusals.count(reason)
+        identity, address = self.viewer or ("anonymous", self.peer_name)
+        settings.audit.refused("web", reason, address, identity, self.factory.console_name)
 
     def onOpen(self) -> None:
         """
@@ -203,12 +212,22 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         self.attachment = multiplexer.attach(
             self, resume_from, start=False, read_only=self.factory.read_only, label=label
         )
+        self.trail = settings.audit.attached(
+            self.factory.console_name, label, self.factory.read_only or multiplexer.read_only
+        )
         multiplexer.start(self.attachment)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         attachment = self.attachment
         if attachment is not None:
             self.dialect.message(attachment, payload, isBinary)
+
+    def typed(self, attachment: Attachment, data: bytes) -> str | None:
+        """Send what the viewer typed to the console (audited); return why not, if refused."""
+        refused = attachment.send_input(data)
+        if self.trail is not None:
+            self.trail.input(data, refused)
+        return refused
 
     # -- IConsoleClient --------------------------------------------------------------
 
@@ -267,6 +286,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         attachment, self.attachment = self.attachment, None
         if attachment is not None:
             attachment.detach()
+        trail, self.trail = self.trail, None
+        if trail is not None:
+            trail.detached()
 
     def sendCloseFrame(
         self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
@@ -294,9 +316,12 @@ class ConsoleServerFactory(WebSocketServerFactory):
         settings: ConsoleSettings,
         read_only: bool = False,
         title: Callable[[], str] | None = None,
+        console_name: str | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="cloud-console")
         self.multiplexer = multiplexer
+        #: The console's name (C{None} with one console), for the audit log.
+        self.console_name = console_name
         self.settings = settings
         self._title = title
         #: Whether this factory's viewers (a read-only credential's) may not type.
@@ -323,13 +348,18 @@ class ConsoleServerFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
         )
 
-    #: The identity and address of the upgrade being handled (see L{buildProtocol}).
+    #: The identity and address of the upgrade being handled (see L{buildProtocol}),
+    #: and whether a credential vouches for it.
     next_viewer: tuple[str, str] | None = None
+    next_identified = False
+    #: The last who-is-on list sent, with the attachments it was made for.
+    who_cache: tuple[tuple[tuple[ClientLabel | None, bool], ...], dict[str, Any]] | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = WebSocketServerFactory.buildProtocol(self, addr)
         if isinstance(protocol, ConsoleServerProtocol):
             protocol.viewer = self.next_viewer
+            protocol.identified = self.next_identified
         return protocol
 
     def title(self) -> str:

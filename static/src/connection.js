@@ -117,7 +117,11 @@ export class ConsoleConnection {
         this.confirmConsoleUp();
         this.onSkip(message);
         break;
-      case 'clients': this.listener.clients(message.count); break;
+      case 'clients':
+        // who: the named viewers and the anonymous count, told to a credential only.
+        this.listener.clients(message.count, Array.isArray(message.watchers)
+          ? { watchers: message.watchers, anonymous: message.anonymous ?? 0 } : null);
+        break;
       case 'times': this.onTimes(message); break;
       case 'closed':
         this.closedReason = bareReason(message.reason);

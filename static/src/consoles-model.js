@@ -51,6 +51,8 @@ export function readConsoles(payload) {
       since: parseTime(item.since),
       sinceIso: typeof item.since === 'string' ? item.since : null,
       viewers: count(item.viewers),
+      // Who is on it (identities), told to a credential only; null when not told.
+      watchers: Array.isArray(item.watchers) ? item.watchers.filter((w) => typeof w === 'string') : null,
       bytesOut: count(item.bytesOut),
       lastOutput: parseTime(item.lastOutput),
       lastOutputIso: typeof item.lastOutput === 'string' ? item.lastOutput : null,

@@ -107,6 +107,11 @@ function renderRow(row, parts, at) {
   setTitle(parts.title, row.title);
   setText(parts.viewers, String(row.viewers));
   parts.viewers.classList.toggle('zero', row.viewers === 0);
+  if (row.watchers !== null) {
+    const anonymous = row.viewers - row.watchers.length;
+    const names = row.watchers.join(', ') + (anonymous > 0 ? ` and ${anonymous} without a name` : '');
+    setTitle(parts.viewers, row.viewers ? `on it: ${names}` : 'nobody on it');
+  }
   setText(parts.written, formatSize(row.bytesOut));
   setTitle(parts.written, `${formatBytes(row.bytesOut)} written by the guest`);
   renderTimes(row, parts, at);

@@ -61,9 +61,9 @@ async function main() {
       status.setReadOnly(Boolean(hello.readOnly));
     },
     gap: (gap) => status.setNotice(describeGap(gap)),
-    clients: (count) => {
+    clients: (count, who) => {
       clients = count;
-      status.setClients(count);
+      status.setClients(count, who);
     },
     skip: () => {}, // the line on screen says it
     console: (now, before) => {
@@ -112,6 +112,7 @@ async function main() {
       lastNotice: status.lastNotice,
       closedReason: connection.closedReason,
       clients,
+      who: status.whoIs,
       readOnly: connection.readOnly,
       session: connection.session,
       search: { open: search.isOpen, ...search.results, text: search.count.textContent },

@@ -11,6 +11,15 @@ export class StatusBar {
     this.since = get('since');
     this.notice = get('notice');
     this.viewers = get('viewers');
+    this.who = get('who');
+    this.whoList = get('who-list');
+    this.whoNote = get('who-note');
+    this.clients = null;
+    this.whoIs = null; // {watchers, anonymous}, or null when the server does not say
+    this.viewers.addEventListener('click', () => this.toggleWho());
+    doc.addEventListener('keydown', (event) => {
+      if (event.key === 'Escape' && !this.who.hidden) this.toggleWho(false);
+    });
     this.readOnly = get('readonly');
     this.size = get('size');
     this.sttyButton = get('stty');
@@ -100,9 +109,45 @@ export class StatusBar {
     this.noticeTimer = setTimeout(() => { this.notice.hidden = true; }, NOTICE_MS);
   }
 
-  setClients(count) {
+  /** How many are on; who: {watchers, anonymous} (told to a credential), or null. */
+  setClients(count, who = null) {
+    this.clients = count;
+    if (who !== null) this.whoIs = who;
     this.viewers.textContent = `${count} watching`;
-    this.viewers.title = `${count} browser${count === 1 ? '' : 's'} connected to this console`;
+    this.viewers.title = `${count} viewer${count === 1 ? '' : 's'} (pages and SSH sessions) on this console: click for who`;
+    if (!this.who.hidden) this.renderWho();
+  }
+
+  /** Open or close (or flip) the list of who is on this console. */
+  toggleWho(open = this.who.hidden) {
+    this.who.hidden = !open;
+    this.viewers.setAttribute('aria-expanded', String(open));
+    if (open) this.renderWho();
+  }
+
+  renderWho() {
+    const who = this.whoIs;
+    this.whoList.replaceChildren();
+    if (who === null) {
+      this.whoNote.textContent = `${this.clients ?? 0} watching; who they are is shown to a signed-in viewer`;
+      return;
+    }
+    for (const w of who.watchers) {
+      const row = document.createElement('li');
+      const name = document.createElement('span');
+      name.className = 'who-name';
+      name.textContent = w.identity;
+      const detail = document.createElement('span');
+      detail.className = 'who-detail';
+      const since = new Date(w.since);
+      const at = Number.isNaN(since.getTime()) ? w.since : since.toLocaleTimeString();
+      detail.textContent = ` · ${w.front} · ${w.address} · ${w.readOnly ? 'read-only' : 'read-write'} · since ${at}`;
+      detail.title = `since ${w.since}`;
+      row.append(name, detail);
+      this.whoList.append(row);
+    }
+    const anonymous = who.anonymous ?? 0;
+    this.whoNote.textContent = anonymous ? `and ${anonymous} without a name` : '';
   }
 
   setReadOnly(readOnly) {
