@@ -157,6 +157,17 @@ class Report:
             lines.append(line)
         return lines
 
+    def _restart(self, r: dict) -> list[str]:
+        return [
+            f"{r['consoles']} consoles, {r['bytes_each'] // 1024} KiB of output each: first start "
+            f"to READY=1 {r['first_ready_s']:.2f} s; stop (SIGTERM to exit, status "
+            f"{r['stop_status']}) {r['stop_s']:.2f} s",
+            f"start again with {r['stored']} stored descriptors (state "
+            f"{_mib(r.get('state_bytes', 0))}): READY=1 {r['again_ready_s']:.2f} s, every "
+            f"console up {r['again_serving_s']:.2f} s; {r['adopted']} descriptors adopted, "
+            f"{r['state_taken']} histories taken over",
+        ]
+
     def _timeindex(self, r: dict) -> list[str]:
         idle, flood, cpu = r["idle"], r["flood"], r["cpu"]
         return [

@@ -28,6 +28,11 @@ and against OpenSSH's sshd relaying the same pty with cat (needs openssh-client 
 openssh-server's sshd; the bench starts its own instance: own config, host key and
 authorized_keys in the run's directory, a loopback port).
 
+"restart" (bench/restart.py) restarts one process serving the largest --fleet-sizes
+consoles (1,000) as systemd does with the descriptor store (a stand-in PID 1 keeps the
+descriptors and the state's memfd): the times to READY=1 at the first start, to stop, and
+to READY=1 and serving again, and the state's size, with 64 KiB of output per console.
+
 "audit" (bench/audit.py) is the audit log's cost: the output path with and without it (10
 audited viewers), the input path (typing and pastes) without it, with it and with
 --audit-input, in the server's Python; and the throughput runs again on a server with
@@ -65,6 +70,7 @@ except ImportError:
 
 import fleet  # noqa: E402
 import report  # noqa: E402
+import restart  # noqa: E402
 import scenarios  # noqa: E402
 import timeindex  # noqa: E402
 import audit  # noqa: E402
@@ -81,7 +87,7 @@ CC_COMMAND = (
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
 ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex",
-       "audit")
+       "restart", "audit")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -281,6 +287,9 @@ def main(argv: list[str]) -> int:
 
         if "timeindex" in args.scenarios:
             attempt(("timeindex", report.CC), timeindex.measure)
+        if "restart" in args.scenarios:
+            attempt(("restart", report.CC), restart.restart,
+                    restart.RestartOptions(args.fleet_sizes[-1], 64 * 1024))
         if "audit" in args.scenarios:
             attempt(("audit", report.CC), audit.measure)
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 
 from .access.audit import NO_AUDIT, Audit, AuditLog, AuditLogError
 from .access.policy import CredentialFileError
-from .console.console import Console, ConsoleLimits, build_console
+from .console.console import Console, ConsoleLimits, build_console, console_state
+from .console.state import ConsoleState
 from .console.device import ConsoleOpenError
 from .console.logfile import LogFileError, LogFileSink
 from .console.multiplexer import Multiplexer
@@ -31,6 +32,8 @@ from .console.spec import ConsoleSpec
 from .fleet.config import ConfigError, load_config
 from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
+from .keeper import StateKeeper
+from .sdnotify import CONSOLE_PREFIX, FdStore, Notifier, inherited_named_fds
 from .ssh.auth import Keyring
 from .ssh.factory import ConsoleSSHFactory
 from .ssh.hostkey import HostKeyError, load_or_create_host_key
@@ -72,6 +75,12 @@ class ConsoleService(MultiService):
         #: The audit log (C{--audit-log}), if any.
         self.audit: AuditLog | None = None
         self._previous_sighup: Any = None
+        #: The service manager (systemd), told when start-up and reloads are done.
+        self.notifier = Notifier(None)
+        #: Where the consoles' state goes at shutdown (see L{cloud_console.keeper}).
+        self.keeper: StateKeeper | None = None
+        #: The consoles served now (for their state at shutdown).
+        self.consoles: Callable[[], list[Console]] = lambda: []
         if multiplexer is not None:
             multiplexer.when_console_closed(self._console_closed)
 
@@ -97,18 +106,48 @@ class ConsoleService(MultiService):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self._sighup)
             )
+        # Every console is open (or shown down) and every port listens by now; READY=1
+        # waits for the reactor all the same, so that it is said by a serving process.
+        self.reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        if self.running:
+            self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        if self.registry is not None:
+            up = sum(1 for s in self.registry.statuses() if s.up)
+            return f"serving {len(self.registry)} consoles ({up} up)"
+        return "serving"
 
     def _sighup(self) -> None:
-        if self.on_sighup is not None:
-            self.on_sighup()
-        for reload in self.reloads:
-            reload()
+        self.notifier.reloading()
+        try:
+            if self.on_sighup is not None:
+                self.on_sighup()
+            for reload in self.reloads:
+                reload()
+        finally:
+            journal = self.keeper.journal if self.keeper is not None else None
+            if journal is not None:
+                journal.compact()  # settings changed in place start a fresh snapshot
+            self.notifier.ready(self._status_line())
 
     def stopService(self) -> Any:
+        self.notifier.stopping()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        return MultiService.stopService(self)
+        stopped = MultiService.stopService(self)
+        keeper = self.keeper
+        if keeper is not None and keeper.enabled:
+            # Once every console has stopped reading: the state holds every byte read.
+            def save(result: object) -> object:
+                keeper.save(console_state(console) for console in self.consoles())
+                return result
+
+            stopped.addCallback(save)
+        return stopped
 
 
 def _audit(service: ConsoleService, options: Any, reactor: Any) -> Audit:
@@ -183,12 +222,32 @@ def build_service(options: Any, reactor: Any) -> ConsoleService:
         log file or a credential file cannot (many).
     """
     raise_descriptor_limit()
+    notifier = Notifier.from_environment()
+    store = FdStore(notifier, inherited_named_fds()) if notifier.enabled else None
+    keeper = StateKeeper(store, options.get("state-dir"))
+    saved = keeper.load()
     if options["multi"]:
-        return _build_fleet(options, reactor)
-    return _build_single(options, reactor)
+        service = _build_fleet(options, reactor, store, saved, keeper)
+    else:
+        service = _build_single(options, reactor, store, saved)
+    service.notifier = notifier
+    service.keeper = keeper
+    # Before the reactor runs, so before the first byte is read.
+    keeper.start_journal(service.consoles())
+    for name in sorted(saved):
+        service._log.info("saved state of console {name} dropped: it is not configured", name=name)
+    if store is not None:
+        # A console no longer configured: its kept descriptor is closed, and leaves the store.
+        store.discard_leftovers(CONSOLE_PREFIX)
+    return service
 
 
-def _build_single(options: Any, reactor: Any) -> ConsoleService:
+def _build_single(
+    options: Any,
+    reactor: Any,
+    store: FdStore | None = None,
+    saved: dict[str, ConsoleState] | None = None,
+) -> ConsoleService:
     spec = ConsoleSpec(
         name=None,
         source=options["source"],
@@ -202,7 +261,14 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
         raw=not options["no-raw"],
     )
     try:
-        console = build_console(spec, reactor, ConsoleLimits(options["max-stall"]), _thread_runner(reactor))
+        console = build_console(
+            spec,
+            reactor,
+            ConsoleLimits(options["max-stall"]),
+            _thread_runner(reactor),
+            store,
+            (saved or {}).pop("", None),
+        )
     except LogFileError as e:
         raise StartupError(str(e)) from e
     try:
@@ -213,6 +279,7 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
             console.log_sink.close(1001, "start-up failed")
         raise StartupError(str(e)) from e
     service = ConsoleService(reactor, console.multiplexer)
+    service.consoles = lambda: [console]
     console.setServiceParent(service)
     service.log_sink = console.log_sink
     if console.log_sink is not None:
@@ -305,10 +372,26 @@ class ConsoleSources:
         return specs
 
 
-def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
+def _build_fleet(
+    options: Any,
+    reactor: Any,
+    store: FdStore | None = None,
+    saved: dict[str, ConsoleState] | None = None,
+    keeper: StateKeeper | None = None,
+) -> ConsoleService:
     limits = ConsoleLimits(options["max-stall"])
     run_blocking = _thread_runner(reactor)
-    registry = ConsoleRegistry(lambda spec: build_console(spec, reactor, limits, run_blocking))
+    states = saved if saved is not None else {}
+
+    def build(spec: ConsoleSpec) -> Console:
+        console = build_console(
+            spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None)
+        )
+        if keeper is not None and keeper.journal is not None:
+            keeper.journal.add(console)  # added by a reload: it joins the journal
+        return console
+
+    registry = ConsoleRegistry(build)
     try:
         sources = ConsoleSources(options)
     except ConfigError as e:
@@ -317,6 +400,7 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
     if result.failed:
         raise StartupError("; ".join(f"console {n}: {why}" for n, why in result.failed.items()))
     service = ConsoleService(reactor)
+    service.consoles = lambda: list(registry)
     service.registry = registry
     registry.setServiceParent(service)
     service._log.info(

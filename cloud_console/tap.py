@@ -157,6 +157,13 @@ class Options(usage.Options):
         ["console-dir", None, None, "Serve every entry of this directory as a console named after it (watched)."],
         ["log-dir", None, None, "Each console (of several) logs to DIR/NAME.log."],
         [
+            "state-dir",
+            None,
+            None,
+            "Keep the consoles' history and sessions across a restart in DIR (written at "
+            "shutdown, read at start); under systemd its descriptor store is used anyway.",
+        ],
+        [
             "max-clients-total",
             None,
             DEFAULT_MAX_CLIENTS_TOTAL,
@@ -264,6 +271,11 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--static-dir {self['static-dir']!r} is not a directory")
         if self["metrics-port"] is not None:
             self._check_endpoint("--metrics-port", self["metrics-port"])
+        if self["state-dir"] is not None:
+            import os
+
+            if not os.path.isdir(self["state-dir"]) or not os.access(self["state-dir"], os.W_OK):
+                raise usage.UsageError(f"--state-dir {self['state-dir']!r} is not a writable directory")
         named = [name for name, _ in self["consoles"] if name is not None]
         self["multi"] = bool(named or self["config"] or self["console-dir"])
         if self["multi"]:

@@ -800,3 +800,132 @@ async def asciinema_cat(cast: Path, out: Path) -> int:
         usePTY=True,
     )
     return await ended.ended
+
+
+# -- systemd's side: the notification socket and the descriptor store -------------------
+
+
+class ServiceManager:
+    """
+    A stand-in for PID 1's side of sd_notify(3): a datagram socket (C{NOTIFY_SOCKET})
+    reading each message's C{KEY=VALUE} lines and the descriptors sent with it
+    (C{SCM_RIGHTS}), keeping the store as systemd does (C{FDSTORE=1} with C{FDNAME},
+    C{FDSTOREREMOVE=1}), so that a test can start the daemon again with the stored
+    descriptors at 3.. and C{LISTEN_FDS}/C{LISTEN_FDNAMES}/C{LISTEN_PID}.
+
+    @ivar messages: every message received, as dicts, in order.
+    @ivar store: the stored descriptors (this process's copies), by name, in order.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.socket.bind(self.path)
+        self.socket.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+        self.store: dict[str, int] = {}
+        self._waiters: list[tuple[Callable[[ServiceManager], bool], defer.Deferred[None]]] = []
+        reactor.addReader(self)  # type: ignore[attr-defined]
+
+    # reactor interface
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "service manager"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def doRead(self) -> None:
+        while True:
+            try:
+                data, fds, _flags, _address = socket.recv_fds(self.socket, 4096, 64)
+            except BlockingIOError:
+                break
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+            name = fields.get("FDNAME", "stored")
+            if fields.get("FDSTOREREMOVE") == "1":
+                fd = self.store.pop(name, None)
+                if fd is not None:
+                    os.close(fd)
+            if fields.get("FDSTORE") == "1":
+                for fd in fds:
+                    old = self.store.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                    self.store[name] = fd
+            else:
+                for fd in fds:
+                    os.close(fd)
+        for waiter in [w for w in self._waiters if w[0](self)]:
+            self._waiters.remove(waiter)
+            waiter[1].callback(None)
+
+    # test interface
+    def wait_for(self, condition: Callable[[ServiceManager], bool]) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if condition(self):
+            d.callback(None)
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def count(self, key: str, value: str = "1") -> int:
+        """How many messages said C{key=value}."""
+        return sum(1 for m in self.messages if m.get(key) == value)
+
+    def wait_ready(self, times: int = 1) -> defer.Deferred[None]:
+        """Fires once C{READY=1} has come C{times} times in all."""
+        return self.wait_for(lambda m: m.count("READY") >= times)
+
+    def close(self) -> None:
+        reactor.removeReader(self)  # type: ignore[attr-defined]
+        self.socket.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+
+
+class SocketGuest(protocol.Factory):
+    """
+    A VMM's serial socket (QEMU's socket chardev with server=on): a unix socket the
+    console connects to. As QEMU does, output goes to the connection of now: what is
+    written while no one is connected, or to a connection that was dropped, is gone.
+
+    @ivar connections: every connection accepted, in order.
+    @ivar dropped: bytes written while no connection was there to take them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.connections: list[protocol.Protocol] = []
+        self.current: protocol.Protocol | None = None
+        self.dropped = 0
+        self.port = reactor.listenUNIX(self.path, self)  # type: ignore[attr-defined]
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        guest = self
+
+        class Connection(protocol.Protocol):
+            def connectionMade(self) -> None:
+                guest.connections.append(self)
+                guest.current = self
+
+            def connectionLost(self, reason: Any = None) -> None:
+                if guest.current is self:
+                    guest.current = None
+
+        return Connection()
+
+    def write(self, data: bytes) -> None:
+        if self.current is None:
+            self.dropped += len(data)
+        else:
+            self.current.transport.write(data)  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        for connection in self.connections:
+            connection.transport.abortConnection()  # type: ignore[union-attr]
+        await self.port.stopListening()

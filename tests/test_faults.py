@@ -377,6 +377,35 @@ class FaultTests(TestCase):
         self.assertEqual(await server.ended, 0)
         self.assert_clean_log(server)
 
+    async def test_input_flood_original_protocol_closed(self) -> None:
+        """
+        The same flood from an original-protocol client (which has no words for a
+        refusal), beside an original-protocol viewer: once its input does not fit the
+        backlog, the typist alone is closed with code 4003 and a reason naming the
+        refusal, instead of being left open and quiet while its input is dropped; the
+        viewer stays open and still gets output.
+        """
+        server = await self.start()
+        viewer = await connect_stream_viewer(self.port)
+        typist = await connect_stream_viewer(self.port)
+        for client in (viewer, typist):
+            self.addCleanup(lambda c=client: None if c.close_status else c.transport.abortConnection())
+        randomness = random.Random(7)
+        for _ in range(128):
+            typist.sendMessage(randomness.randbytes(64 * 1024), isBinary=True)
+        code, reason = await typist.closed
+        self.assertEqual(code, 4003)
+        self.assertIn("input backlog full", reason or "")
+        self.assertIsNone(viewer.close_status)
+        before = len(viewer.received)
+        await self.guest.write(b"output after the refusal\r\n")
+        await viewer.wait_bytes(before + len(b"output after the refusal\r\n"))
+        self.assertTrue(bytes(viewer.received).endswith(b"output after the refusal\r\n"))
+        self.assertEqual(server.count(b"its input was refused (input backlog full)"), 1)
+        server.signal("TERM")
+        self.assertEqual(await server.ended, 0)
+        self.assert_clean_log(server)
+
     async def test_many_clients_come_and_go(self) -> None:
         """
         A thousand clients connect, get the history and leave (half with a close frame,

@@ -4,7 +4,11 @@ cloud-console.socket (the listening socket inherited as fd 3, LISTEN_FDS, LISTEN
 LISTEN_PID), with the command line of cloud-console.service; the hardening the unit asks
 for checked against what the daemon really does (the kernel's PR_SET_MDWE for
 MemoryDenyWriteExecute=, a trace of its system calls for SystemCallFilter=); and
-C{systemd-analyze verify} on the units where it is installed.
+C{systemd-analyze verify} on the units where it is installed. Restarts under a stand-in for
+PID 1 (L{tests.helpers.ServiceManager}: the notification socket and the descriptor store,
+the stored descriptors passed back at 4.. after the socket) with a QEMU-like socket
+console: SIGTERM and kill -9 while the guest writes lose no byte and an open page resumes;
+the same without the store shows the loss; C{--state-dir}; states refused.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.helpers import ROOT, Guest, Server, connect_v1, http_get
+from tests.helpers import ROOT, Guest, Server, ServiceManager, SocketGuest, V1Client, connect_v1, http_get
 
 UNITS = ROOT / "contrib" / "systemd"
 SERVICE = UNITS / "cloud-console.service"
@@ -139,12 +144,17 @@ class Activated:
         self.pid = 0  # the daemon's, once it said so
 
 
-class SocketActivationTests(TestCase):
+class SystemdCase(TestCase):
+    """Starting the daemon as systemd does, and what every such test checks."""
+
     timeout = 60
 
     def setUp(self) -> None:
         self.temp = Path(self.mktemp()).resolve()
         self.temp.mkdir()
+        # Unix socket paths are short (108 bytes): those live here.
+        self.sockets = Path(tempfile.mkdtemp(prefix="cc-"))
+        self.addCleanup(shutil.rmtree, self.sockets, True)
 
     def guest(self) -> Guest:
         guest = Guest()
@@ -173,23 +183,38 @@ class SocketActivationTests(TestCase):
         return [sys.executable, "-m", "cloud_console.cli", *argv[1:]]
 
     async def activate(
-        self, command: list[str], mdwe: bool = False, trace: Path | None = None
+        self,
+        command: list[str],
+        mdwe: bool = False,
+        trace: Path | None = None,
+        manager: ServiceManager | None = None,
+        listener: socket.socket | None = None,
     ) -> Activated:
         """
-        Bind a listening socket as cloud-console.socket does, start C{command} with it as
-        fd 3 and systemd's variables; returns once the daemon has said it listens.
+        Bind a listening socket as cloud-console.socket does (or reuse C{listener}, as
+        the socket unit keeps it across a restart), start C{command} with it as fd 3 and
+        systemd's variables; returns once the daemon has said it listens.
+
+        With a C{manager}, C{NOTIFY_SOCKET} names it and the descriptors in its store
+        follow the socket at 4.., named in C{LISTEN_FDNAMES}, as systemd passes a
+        service's store back when it starts it again.
         """
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
+        if listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.addCleanup(listener.close)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+        stored = list(manager.store.items()) if manager is not None else []
         env = dict(
             os.environ,
             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            LISTEN_FDS="1",
-            LISTEN_FDNAMES=fd_name(),
+            LISTEN_FDS=str(1 + len(stored)),
+            LISTEN_FDNAMES=":".join([fd_name(), *(name for name, _ in stored)]),
         )
         env.pop("LISTEN_PID", None)
+        env.pop("NOTIFY_SOCKET", None)
+        if manager is not None:
+            env["NOTIFY_SOCKET"] = manager.path
         argv = [sys.executable, "-c", WRAPPER, *(["mdwe"] if mdwe else []), *command]
         if trace is not None:
             strace = shutil.which("strace")
@@ -198,7 +223,10 @@ class SocketActivationTests(TestCase):
         server = Server()
         reactor.spawnProcess(
             server, argv[0], argv, env=env, path=str(ROOT),
-            childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+            childFDs={
+                0: "w", 1: "r", 2: "r", 3: listener.fileno(),
+                **{4 + i: fd for i, (_, fd) in enumerate(stored)},
+            },
         )
         activated = Activated(server, listener)
 
@@ -241,6 +269,11 @@ class SocketActivationTests(TestCase):
         """systemd's stop: SIGTERM to the main process, which ends with status 0."""
         os.kill(activated.pid, signal.SIGTERM)
         self.assertEqual(await activated.server.ended, 0, activated.server.stderr.decode())
+
+
+
+class SocketActivationTests(SystemdCase):
+    """The unit's command line on the socket unit's socket."""
 
     async def test_the_units_command_line_serves_on_the_socket(self) -> None:
         """
@@ -343,6 +376,231 @@ class SocketActivationTests(TestCase):
             if b"PROT_EXEC" in args and (call != b"mmap" or b"PROT_WRITE" in args):
                 refused.append(line.decode(errors="replace"))
         self.assertEqual(refused, [])
+
+
+class SteadyWriter:
+    """The guest printing numbered lines at a steady rate (one every 2 ms), as a boot does."""
+
+    def __init__(self, guest: SocketGuest) -> None:
+        self.guest = guest
+        self.lines: list[bytes] = []
+        self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self.loop = task.LoopingCall(self.write)
+        self.loop.start(0.002)
+
+    def write(self) -> None:
+        line = b"line %06d\r\n" % len(self.lines)
+        self.lines.append(line)
+        self.guest.write(line)
+        for waiter in [w for w in self._waiters if len(self.lines) >= w[0]]:
+            self._waiters.remove(waiter)
+            waiter[1].callback(None)
+
+    def written(self, count: int) -> defer.Deferred[None]:
+        """Fires once C{count} more lines have been written."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((len(self.lines) + count, d))
+        return d
+
+    def stop(self) -> bytes:
+        """Stop writing; the last line written."""
+        if self.loop.running:
+            self.loop.stop()
+        return self.lines[-1]
+
+
+def without_markers(log: bytes) -> bytes:
+    """A console's log without the console up/down marker lines (C{[-- ... --]})."""
+    return re.sub(rb"\[-- [^\n]* --\]\r?\n", b"", log)
+
+
+class RestartTests(SystemdCase):
+    """
+    A restart (SIGTERM, or kill -9) under a stand-in for PID 1 that keeps the service's
+    descriptor store and passes it back, as systemd does; the console is a unix socket,
+    on which a reopen cannot be mistaken for a kept descriptor (a new connection; what was
+    written to the old one is gone, as with QEMU's socket chardev).
+    """
+
+    async def restart_while_writing(
+        self, keep: bool, kill: bool, state_dir: Path | None = None
+    ) -> tuple[bytes, SteadyWriter, SocketGuest, V1Client, V1Client]:
+        """
+        Start, open a page, have the guest write steadily, stop the daemon (SIGTERM or
+        SIGKILL) while it writes, wait for 50 lines written while it is down, start it
+        again (with the store if C{keep}), and reconnect the page as it does by itself
+        (C{?session=S&from=N}, the next offset it wants); then stop writing and wait for
+        the last line on it. Returns the log file, the writer, the guest and the page's
+        two connections.
+        """
+        manager = None
+        if keep:
+            manager = ServiceManager(self.sockets / "notify")
+            self.addCleanup(manager.close)
+        guest = SocketGuest(self.sockets / "vm1.sock")
+        self.addCleanup(guest.close)
+        command = self.command(self.write_config({"vm1": f"unix:{guest.path}"}))
+        if state_dir is not None:
+            command += ["--state-dir", str(state_dir)]
+        first = await self.activate(command, manager=manager)
+        if manager is not None:
+            await manager.wait_for(lambda m: m.count("READY") >= 1 and "console.vm1" in m.store)
+        page = await connect_v1(first.port, "/c/vm1/ws")
+        writer = SteadyWriter(guest)
+        self.addCleanup(writer.stop)
+        await page.wait_text("line 000050")
+        if kill:
+            os.kill(first.pid, signal.SIGKILL)
+            self.assertEqual(await first.server.ended, -signal.SIGKILL)
+        else:
+            await self.stop(first)
+        await page.closed
+        await writer.written(50)
+        second = await self.activate(command, manager=manager, listener=first.listener)
+        if manager is not None:
+            await manager.wait_ready(2)
+        (hello,) = page.events_of("hello")
+        resumed = await connect_v1(
+            second.port, f"/c/vm1/ws?session={hello['session']}&from={page.next_offset}"
+        )
+        await writer.written(50)
+        last = writer.stop()
+        await resumed.wait_text(last.decode())
+        await self.stop(second)
+        log = (self.temp / "logs" / "vm1.log").read_bytes()
+        return log, writer, guest, page, resumed
+
+    def assert_resumed(self, page: V1Client, resumed: V1Client, lines: list[bytes]) -> None:
+        """The page's second connection went on at its offset: no gap, no byte twice."""
+        (hello,) = page.events_of("hello")
+        (again,) = resumed.events_of("hello")
+        self.assertEqual(again["session"], hello["session"])
+        self.assertEqual(again["offset"], page.next_offset)
+        self.assertEqual(resumed.events_of("gap"), [])
+        self.assertEqual(page.first_offset, 0)
+        self.assertEqual(bytes(page.stream + resumed.stream), b"".join(lines))
+
+    async def test_restart_keeps_every_byte(self) -> None:
+        """
+        SIGTERM and a start again with the store: the console's connection is the same
+        one (no reconnect); the log file and the page (its two connections) hold every
+        line the guest wrote, once, in order, those written while the daemon was down
+        included; the page resumed in the same session with no gap.
+        """
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=True, kill=False)
+        self.assertEqual(len(guest.connections), 1)
+        self.assertEqual(guest.dropped, 0)
+        self.assertEqual(without_markers(log), b"".join(writer.lines))
+        self.assert_resumed(page, resumed, writer.lines)
+
+    async def test_kill_keeps_every_byte(self) -> None:
+        """
+        kill -9 and a start again with the store: the connection is the same one, the
+        log file holds every line once, in order, and the page resumes in the same
+        session at its offset with no gap: the state journal in the store followed the
+        history up to the kill.
+        """
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=True, kill=True)
+        self.assertEqual(len(guest.connections), 1)
+        self.assertEqual(without_markers(log), b"".join(writer.lines))
+        self.assert_resumed(page, resumed, writer.lines)
+
+    async def test_restart_without_store_loses(self) -> None:
+        """
+        The control: the same restart without a service manager reconnects, and what the
+        guest wrote while the daemon was down is not in the log (what the store buys),
+        and the page cannot resume (another session).
+        """
+        log, writer, guest, page, resumed = await self.restart_while_writing(keep=False, kill=False)
+        self.assertEqual(len(guest.connections), 2)
+        self.assertGreaterEqual(guest.dropped, 50 * len(writer.lines[0]))
+        self.assertNotEqual(without_markers(log), b"".join(writer.lines))
+        self.assertEqual([g["reason"] for g in resumed.events_of("gap")], ["restart"])
+
+    async def test_state_dir_without_systemd(self) -> None:
+        """
+        --state-dir without a service manager: the history and the session survive a
+        restart (the page resumes at its offset, no gap), but not what the guest wrote
+        while the daemon was down (the socket was reconnected; QEMU drops it too): the
+        page's bytes are every line but exactly those.
+        """
+        state_dir = self.sockets / "state"
+        state_dir.mkdir()
+        log, writer, guest, page, resumed = await self.restart_while_writing(
+            keep=False, kill=False, state_dir=state_dir
+        )
+        self.assertEqual(len(guest.connections), 2)
+        (hello,) = page.events_of("hello")
+        (again,) = resumed.events_of("hello")
+        self.assertEqual(again["session"], hello["session"])
+        self.assertEqual(again["offset"], page.next_offset)
+        self.assertEqual(resumed.events_of("gap"), [])
+        self.assertEqual(len(page.stream + resumed.stream) + guest.dropped, len(b"".join(writer.lines)))
+        self.assertEqual(without_markers(log), bytes(page.stream + resumed.stream))
+
+    async def test_foreign_state_refused(self) -> None:
+        """
+        A state file that does not check out (altered, or not a state at all) is refused
+        with a log line saying why; the console serves, empty, in a new session.
+        """
+        state_dir = self.sockets / "state"
+        state_dir.mkdir()
+        guest = self.guest()
+        command = self.command(self.write_config({"vm1": guest.path}))
+        command += ["--state-dir", str(state_dir)]
+        first = await self.activate(command)
+        await guest.write(b"before the restart\r\n")
+        page = await connect_v1(first.port, "/c/vm1/ws")
+        await page.wait_text("before the restart")
+        await self.stop(first)
+        state = state_dir / "state"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+        second = await self.activate(command, listener=first.listener)
+        self.assertIn(b"discarded (its checksum does not match", second.server.stderr)
+        await self.serves(second, guest, "vm1")
+        await self.stop(second)
+        state.write_bytes(b"not a state at all\n" * 200)
+        third = await self.activate(command, listener=first.listener)
+        self.assertIn(b"discarded (not a cloud-console state)", third.server.stderr)
+        client = await connect_v1(third.port, "/c/vm1/ws")
+        await client.wait_for(lambda c: bool(c.events_of("hello")))
+        self.assertNotEqual(client.events_of("hello")[0]["session"], page.events_of("hello")[0]["session"])
+        self.assertNotIn("before the restart", client.text())
+        await self.serves(third, guest, "vm1")
+        await self.stop(third)
+
+    async def test_removed_console_leaves_the_store(self) -> None:
+        """
+        A console removed by a reload leaves the store (FDSTOREREMOVE=1); a stored
+        descriptor whose console is no longer configured at start is closed and removed;
+        the reload is framed by RELOADING=1 and READY=1.
+        """
+        manager = ServiceManager(self.sockets / "notify")
+        self.addCleanup(manager.close)
+        one, two = self.guest(), self.guest()
+        command = self.command(self.write_config({"vm1": one.path, "vm2": two.path}))
+        first = await self.activate(command, manager=manager)
+        await manager.wait_for(lambda m: m.count("READY") >= 1 and "console.vm2" in m.store)
+        self.assertEqual(sorted(manager.store), ["console.vm1", "console.vm2", "state"])
+        self.write_config({"vm1": one.path})
+        os.kill(first.pid, signal.SIGHUP)
+        await manager.wait_ready(2)
+        self.assertEqual(sorted(manager.store), ["console.vm1", "state"])
+        reloading = next(i for i, m in enumerate(manager.messages) if m.get("RELOADING") == "1")
+        self.assertIn("MONOTONIC_USEC", manager.messages[reloading])
+        self.assertTrue(any(m.get("READY") == "1" for m in manager.messages[reloading:]))
+        await self.stop(first)
+        # vm2 comes back into the store by hand: at the next start nobody wants it.
+        manager.store["console.vm2"] = os.dup(two.slave)
+        second = await self.activate(command, manager=manager, listener=first.listener)
+        await manager.wait_ready(3)
+        await second.server.log_line(lambda log: b"console.vm2 belongs to no configured console" in log)
+        self.assertEqual(sorted(manager.store), ["console.vm1", "state"])
+        self.assertIn(b"kept pty", second.server.stderr)
+        await self.serves(second, one, "vm1")
+        await self.stop(second)
 
 
 def syscall_groups() -> dict[str, list[str]]:

@@ -83,6 +83,14 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--static-dir", "/nonexistent")
         self.assertIn("--static-dir", str(e))
 
+    def test_state_dir(self) -> None:
+        """--state-dir must be a writable directory; it is kept as given."""
+        e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--state-dir", "/nonexistent")
+        self.assertIn("--state-dir", str(e))
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertEqual(parse("--pty", "/dev/pts/1", "--state-dir", directory)["state-dir"], directory)
+
     def test_plugin_found(self) -> None:
         """twistd finds the cloudconsole plugin, and it uses these options."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}

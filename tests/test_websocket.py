@@ -174,19 +174,53 @@ class OriginalProtocolTests(SiteTestCase):
     def test_guest_not_reading_pauses_nobody(self) -> None:
         """
         A guest that does not read its input never pauses a connection: the typist's
-        excess is refused, and both the typist and an idle viewer keep being read (their
-        pongs, acks and close frames flow) and keep receiving output.
+        excess is refused, and an idle viewer keeps being read (its pongs and close
+        frames flow) and keeps receiving output.
         """
         typist = self.client()
         viewer = self.client()
         self.pty.pending_input = INPUT_BACKLOG
         typist.send(OP_BINARY, b"more")
         self.assertEqual(bytes(self.pty.written), b"")
-        self.assertEqual(typist.protocol.attachment.input_discarded, 4)
         for client in (typist, viewer):
             self.assertEqual(client.transport.producerState, "producing")
         self.multiplexer.output_received(b"output")
         self.assertEqual(viewer.output(), b"output")
+
+    def test_refused_input_closes_the_typist_alone(self) -> None:
+        """
+        The original protocol cannot say that input was refused: a client whose input
+        does not fit the backlog is closed with code 4003 and the reason, and nothing
+        of it reaches the pty; a viewer beside it stays attached and gets output.
+        """
+        typist = self.client()
+        viewer = self.client()
+        typist.frames()
+        self.pty.pending_input = INPUT_BACKLOG - 2
+        typist.send(OP_BINARY, b"ok")
+        self.assertEqual(bytes(self.pty.written), b"ok")
+        self.assertEqual(typist.frames(), [])
+        self.pty.pending_input = INPUT_BACKLOG
+        typist.send(OP_BINARY, b"more")
+        self.assertEqual(bytes(self.pty.written), b"ok")
+        frames = typist.frames()
+        self.assertEqual(frames[-1].close_code, 4003)
+        self.assertIn("input backlog full", frames[-1].close_reason)
+        self.assertIn("4 bytes", frames[-1].close_reason)
+        self.assertIsNone(typist.protocol.attachment)
+        self.assertEqual(self.multiplexer.viewer_count, 1)
+        self.multiplexer.output_received(b"output")
+        self.assertEqual(viewer.output(), b"output")
+        self.assertEqual(typist.frames(), [])
+
+    def test_read_only_input_stays_silent(self) -> None:
+        """Input refused as read-only does not close an original-protocol client."""
+        self.multiplexer.read_only = True
+        client = self.client()
+        client.send(OP_BINARY, b"ls")
+        self.assertEqual([f.opcode for f in client.frames()], [])
+        self.multiplexer.output_received(b"output")
+        self.assertEqual(client.output(), b"output")
 
     def test_oversize_message_refused(self) -> None:
         """An input message over the limit closes the connection; nothing reaches the pty."""
@@ -365,6 +399,31 @@ class V1ProtocolTests(SiteTestCase):
         frames = client.frames()
         self.assertEqual(frames[0].json(), {"type": "closed", "reason": "pty hung up"})
         self.assertEqual(frames[-1].close_code, 4001)
+
+    def test_backlog_full_told_not_closed(self) -> None:
+        """
+        A v1 client whose input does not fit the backlog is told (C{input-discarded},
+        with the running total) and stays open; a viewer beside it hears nothing of it.
+        """
+        typist = self.client(protocols=[SUBPROTOCOL_V1])
+        viewer = self.client(protocols=[SUBPROTOCOL_V1])
+        typist.frames()
+        viewer.frames()
+        self.pty.pending_input = INPUT_BACKLOG
+        typist.send(OP_BINARY, b"more")
+        typist.send(OP_BINARY, b"again")
+        self.assertEqual(bytes(self.pty.written), b"")
+        frames = typist.frames()
+        self.assertNotIn(OP_CLOSE, [f.opcode for f in frames])
+        self.assertEqual(
+            v1_events(frames),
+            [
+                {"type": "input-discarded", "bytes": 4, "reason": "input backlog full"},
+                {"type": "input-discarded", "bytes": 9, "reason": "input backlog full"},
+            ],
+        )
+        self.assertEqual(viewer.frames(), [])
+        self.assertIsNotNone(typist.protocol.attachment)
 
     def test_read_only_input_discarded(self) -> None:
         """A read-only session discards input and tells the v1 client how much."""

@@ -18,11 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .device import ConsoleOpenError
-from .follow import ConsoleFollower
+from .follow import ConsoleFollower, DescriptorStore
 from .logfile import LogFileSink
 from .multiplexer import Multiplexer, iso_time
 from .sources import SourceError
 from .spec import ConsoleSpec
+from .state import ConsoleState
 
 #: Bytes a paused viewer may fall behind and still catch up intact, whatever the
 #: replayed history's size: the ring is this large at least. Measured: with the 80 KB
@@ -179,6 +180,7 @@ class Console(MultiService):
         service (its parent does, when it lets go of it) then closes the device.
         """
         self.multiplexer.console_lost(reason, close_reason=reason)
+        self.follower.forget()
 
     def reopen_log(self) -> None:
         """SIGHUP: reopen the log file (logrotate moved it away)."""
@@ -191,6 +193,8 @@ def build_console(
     reactor: Any,
     limits: ConsoleLimits = ConsoleLimits(),
     run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+    store: DescriptorStore | None = None,
+    saved: ConsoleState | None = None,
 ) -> Console:
     """
     The one place a console's objects are made (for one console or many). Nothing is
@@ -206,6 +210,8 @@ def build_console(
         lag_window=limits.lag_window,
         head_size=spec.head_size,
     )
+    if saved is not None:
+        _take_over(spec, multiplexer, saved)
     follower = ConsoleFollower(
         spec.source,
         multiplexer,
@@ -213,6 +219,8 @@ def build_console(
         raw=spec.raw,
         reopen=spec.reopen,
         run_blocking=run_blocking,
+        store=store,
+        store_name=f"console.{spec.name}" if spec.name else "console",
     )
     sink = None
     if spec.log_file:
@@ -220,3 +228,43 @@ def build_console(
             spec.log_file, multiplexer, mark_after=spec.log_timestamps * 60, clock=reactor
         )
     return Console(spec, multiplexer, follower, sink)
+
+
+def _take_over(spec: ConsoleSpec, multiplexer: Multiplexer, saved: ConsoleState) -> None:
+    """
+    Take the previous process's state of this console, if it is this console's (same
+    source, same history sizes); otherwise log why and start empty, as without a state.
+    """
+    name = spec.name or ""
+    why: str | None = None
+    if saved.name != name:
+        why = f"it is console {saved.name!r}'s"
+    elif saved.source != str(spec.source):
+        why = f"its source was {saved.source}, now {spec.source}"
+    else:
+        try:
+            multiplexer.restore(saved.session, saved.history)
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        Console._log.warn(
+            "console {name}: saved state discarded ({why}); it starts empty", name=name, why=why
+        )
+        return
+    Console._log.info(
+        "console {name}: state taken over: session {session}, {bytes} bytes held, offset {end}",
+        name=name,
+        session=saved.session,
+        bytes=len(multiplexer.history),
+        end=multiplexer.history.end,
+    )
+
+
+def console_state(console: Console) -> ConsoleState:
+    """What C{console} hands to the next process (once it has stopped reading)."""
+    return ConsoleState(
+        console.spec.name or "",
+        str(console.spec.source),
+        console.multiplexer.session,
+        console.multiplexer.history.export(),
+    )

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import stat
+import termios
+import tty
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -65,6 +69,63 @@ def open_source(source: Source, raw: bool) -> OpenedConsole:
     return OpenedConsole(connect_unix(target.path), None, str(target), target.path)
 
 
+class DescriptorStore(Protocol):
+    """
+    Where a console's descriptor outlives the process (systemd's store, see
+    L{cloud_console.sdnotify.FdStore}): handed over when opened, taken back at start.
+    """
+
+    def store(self, name: str, fd: int) -> bool: ...
+
+    def remove(self, name: str) -> bool: ...
+
+    def take(self, name: str) -> int | None: ...
+
+
+def adopt_descriptor(fd: int, source: Source, raw: bool) -> OpenedConsole:
+    """
+    Use C{fd}, a console descriptor kept across a restart, if it is still what
+    C{source} names now: the same pty (device number) or a socket connected to the
+    same path. Made non-blocking and close-on-exec; a pty is set raw again.
+
+    @raise SourceError: the source cannot be resolved now.
+    @raise ConsoleOpenError: C{fd} is not what the source names (it changed).
+    """
+    target = source.resolve()
+    mode = os.fstat(fd).st_mode
+    if target.kind == "pty":
+        if not stat.S_ISCHR(mode) or not os.isatty(fd):
+            raise ConsoleOpenError(f"the kept descriptor is not a terminal, {target} is")
+        try:
+            same = os.stat(target.path).st_rdev == os.fstat(fd).st_rdev
+        except OSError:
+            same = False
+        if not same:
+            raise ConsoleOpenError(f"the kept descriptor is not {target}")
+        if raw:
+            try:
+                tty.setraw(fd, termios.TCSANOW)
+            except (OSError, termios.error) as e:
+                raise ConsoleOpenError(f"cannot set up the kept {target}: {e}") from e
+        name = f"pty {os.ttyname(fd)}"
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise ConsoleOpenError(f"the kept descriptor is not a socket, {target} is")
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            peer = sock.getpeername()
+        except OSError as e:
+            raise ConsoleOpenError(f"the kept socket is not connected: {e.strerror}") from e
+        finally:
+            sock.close()
+        if peer != target.path:
+            raise ConsoleOpenError(f"the kept socket is connected to {peer!r}, not {target}")
+        name = f"unix socket {target.path}"
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+    return OpenedConsole(fd, None, name, target.path)
+
+
 def _run_here(function: Callable[[], Any]) -> Deferred[Any]:
     return maybeDeferred(function)
 
@@ -86,8 +147,15 @@ class ConsoleFollower(Service):
         raw: bool = True,
         reopen: bool = False,
         run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+        store: DescriptorStore | None = None,
+        store_name: str = "console",
     ) -> None:
         self.source = source
+        #: Where the open descriptor is kept across restarts, under C{store_name}.
+        self.store = store
+        self.store_name = store_name
+        #: Whether the descriptor open now was kept across a restart (not reopened).
+        self.adopted = False
         self.multiplexer = multiplexer
         self.reactor = reactor
         self.raw = raw
@@ -109,6 +177,8 @@ class ConsoleFollower(Service):
         @raise SourceError: (without C{reopen}) the source names no usable console.
         @raise ConsoleOpenError: (without C{reopen}) it cannot be opened.
         """
+        if self._adopt():
+            return
         try:
             opened = open_source(self.source, self.raw)
         except (SourceError, ConsoleOpenError) as e:
@@ -118,6 +188,42 @@ class ConsoleFollower(Service):
             self.multiplexer.console_down(f"waiting for {self.source}: {e}")
             return
         self._connect(opened)
+
+    def _adopt(self) -> bool:
+        """
+        Take the descriptor the store kept for this console across a restart, if it is
+        still this console's (see L{adopt_descriptor}); one that is not is closed and
+        removed from the store, and the source is opened as usual.
+        """
+        if self.store is None:
+            return False
+        fd = self.store.take(self.store_name)
+        if fd is None:
+            return False
+        try:
+            opened = adopt_descriptor(fd, self.source, self.raw)
+        except (SourceError, ConsoleOpenError, OSError) as e:
+            self._log.warn(
+                "console {source}: kept descriptor not used ({error}); opening the source",
+                source=str(self.source),
+                error=str(e),
+            )
+            os.close(fd)
+            self.store.remove(self.store_name)
+            return False
+        self._log.info(
+            "console {source}: kept {name} adopted across the restart",
+            source=str(self.source),
+            name=opened.name,
+        )
+        self.adopted = True
+        self._connect(opened, kept=True)
+        return True
+
+    def forget(self) -> None:
+        """The console is removed for good: its descriptor leaves the store."""
+        if self.store is not None:
+            self.store.remove(self.store_name)
 
     def open_in_background(self) -> None:
         """
@@ -129,21 +235,28 @@ class ConsoleFollower(Service):
         self._announce_failure = True
         self._attempt()
 
-    def _connect(self, opened: OpenedConsole) -> None:
+    def _connect(self, opened: OpenedConsole, kept: bool = False) -> None:
         multiplexer = self.multiplexer
+        saved = opened.saved_attributes
+        if self.store is not None:
+            # Kept across restarts: it stays raw when this process closes its copy (a
+            # pty put back into cooked mode would echo the guest's output to it).
+            saved = None
+            if not kept:
+                self.store.store(self.store_name, opened.fd)
         device = ConsoleDevice(
             opened.fd,
             opened.name,
             on_output=multiplexer.output_received,
             on_lost=self._lost,
-            saved_attributes=opened.saved_attributes,
+            saved_attributes=saved,
             reactor=self.reactor,
             read_budget=multiplexer.read_budget,
         )
         self.device = device
         self._up_since = self.reactor.seconds()
         self._last_error = None
-        description = f"opened {opened.name}"
+        description = f"{'kept' if kept else 'opened'} {opened.name}"
         if not str(self.source).endswith(opened.path):
             description += f" (from {self.source})"  # found through the VMM's API
         multiplexer.console_up(device, description)
@@ -151,6 +264,9 @@ class ConsoleFollower(Service):
     def _lost(self, reason: str) -> None:
         """The device went away: the end, or (with C{reopen}) down until it is back."""
         self.device = None
+        self.adopted = False
+        if self.store is not None:
+            self.store.remove(self.store_name)
         if not self.reopen:
             self.multiplexer.console_lost(reason)
             return

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
+from dataclasses import dataclass
 
 #: The ring's first allocation; it doubles from there up to its capacity.
 INITIAL_ALLOCATION = 4096
@@ -140,6 +141,25 @@ class TimeIndex:
             first = 0
         self._first = first
 
+    def export(self) -> tuple[bytes, bytes]:
+        """The marks as two machine arrays (offsets, times), for a saved state."""
+        return self._offsets[self._first :].tobytes(), self._times[self._first :].tobytes()
+
+    def restore(self, offsets: bytes, times: bytes) -> None:
+        """
+        Take the marks of L{export} back.
+
+        @raise ValueError: the arrays do not pair up, or the offsets are not in order.
+        """
+        restored_offsets, restored_times = array("q"), array("d")
+        restored_offsets.frombytes(offsets)
+        restored_times.frombytes(times)
+        if len(restored_offsets) != len(restored_times) or len(restored_offsets) > self.cap:
+            raise ValueError("time marks do not pair up")
+        if any(a > b for a, b in zip(restored_offsets, restored_offsets[1:])):
+            raise ValueError("time marks out of order")
+        self._offsets, self._times, self._first = restored_offsets, restored_times, 0
+
     def time_at(self, offset: int) -> float | None:
         """When the byte at C{offset} arrived, if a mark covers it."""
         at = bisect_right(self._offsets, offset, self._first) - 1
@@ -161,6 +181,24 @@ class TimeIndex:
             found.append((offsets[at], times[at]))
             at += 1
         return found
+
+
+@dataclass(frozen=True)
+class HistoryState:
+    """A history's contents as L{History.export} gives them (and L{History.restore} takes)."""
+
+    capacity: int
+    head_size: int
+    #: Offset one past the newest byte.
+    end: int
+    head_start: int
+    #: The head's bytes copied out of the ring (from C{head_start} on).
+    head: bytes
+    #: The ring's bytes, ending at C{end}.
+    ring: bytes
+    #: The ring's and the head's time marks (see L{TimeIndex.export}).
+    times: tuple[bytes, bytes]
+    head_times: tuple[bytes, bytes]
 
 
 class OffsetTooOld(LookupError):
@@ -372,6 +410,57 @@ class History:
         if first == size:
             return [view[position : position + size]]
         return [view[position:], view[: size - first]]
+
+    def export(self) -> HistoryState:
+        """Everything held, to be restored by another process (see L{restore})."""
+        times = self.times.export()
+        head_times = self.head_times.export()
+        return HistoryState(
+            capacity=self.capacity,
+            head_size=self.head_size,
+            end=self._end,
+            head_start=self.head_start,
+            head=bytes(self._head),
+            ring=self.contents(),
+            times=times,
+            head_times=head_times,
+        )
+
+    def restore(self, state: HistoryState) -> None:
+        """
+        Hold exactly what L{export} held, offsets and all, into this (empty) history.
+
+        @raise ValueError: C{state} is not a history this one can hold (another capacity
+            or head size, lengths that do not add up), or this one is not empty.
+        """
+        capacity = self.capacity
+        if self._end:
+            raise ValueError("the history already holds output")
+        if (state.capacity, state.head_size) != (capacity, self.head_size):
+            raise ValueError(
+                f"history size {state.capacity} (head {state.head_size}) is now "
+                f"{capacity} (head {self.head_size})"
+            )
+        end = state.end
+        if len(state.ring) != min(end, capacity) or not 0 <= state.head_start <= end:
+            raise ValueError("the history's lengths do not add up")
+        if len(state.head) > min(state.head_size, end - state.head_start):
+            raise ValueError("the head is longer than it can be")
+        times, head_times = TimeIndex(RING_MARKS), TimeIndex(HEAD_MARKS)
+        times.restore(*state.times)
+        head_times.restore(*state.head_times)
+        size = capacity if end >= capacity else max(min(capacity, INITIAL_ALLOCATION), end)
+        ring = bytearray(size)
+        start = end - len(state.ring)
+        position = start % capacity
+        first = min(len(state.ring), capacity - position)
+        ring[position : position + first] = state.ring[:first]
+        ring[: len(state.ring) - first] = state.ring[first:]
+        self._ring, self._view = ring, memoryview(ring)
+        self._end = end
+        self.head_start = state.head_start
+        self._head = bytearray(state.head)
+        self.times, self.head_times = times, head_times
 
     def time_marks(self, start: int, end: int) -> list[tuple[int, float]]:
         """

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
-from .history import History
+from .history import History, HistoryState
 from .inputpath import InputPath
 from .pacing import ReadPacer
 
@@ -216,6 +216,16 @@ class Attachment:
         self.multiplexer.detach(self)
 
 
+class HistoryRecorder(Protocol):
+    """Follows a history as it changes, to rebuild it exactly elsewhere."""
+
+    def appended(self, offset: int, data: bytes, now: float) -> None:
+        """C{data} was appended at C{offset}, arriving at C{now}."""
+
+    def boot(self, offset: int) -> None:
+        """A new boot began at C{offset} (L{History.begin_boot})."""
+
+
 class Multiplexer(Service):
     """
     Keeps the history and fans output out to every attached client.
@@ -267,6 +277,12 @@ class Multiplexer(Service):
         self.gaps = 0
         #: When the guest last wrote (clock seconds), or None.
         self.last_output_at: float | None = None
+        #: The history was taken over from the previous process: the next console_up
+        #: continues its boot (the head stays) instead of beginning one.
+        self._continuing = False
+        #: Told of every change to the history as it happens (a journal that outlives
+        #: the process, see L{cloud_console.keeper}), if any.
+        self.recorder: HistoryRecorder | None = None
 
     def _seconds(self) -> float:
         return self.clock.seconds() if self.clock is not None else time.time()
@@ -277,6 +293,18 @@ class Multiplexer(Service):
 
     def _now(self) -> str:
         return iso_time(self._seconds())
+
+    def restore(self, session: str, history: HistoryState) -> None:
+        """
+        Take over the previous process's session and history (a restart): offsets go on
+        where they were, so a page that names this session resumes with no gap, and the
+        boot's head stays.
+
+        @raise ValueError: see L{History.restore}.
+        """
+        self.history.restore(history)
+        self.session = session
+        self._continuing = True
 
     # -- what a new client is sent ----------------------------------------------------
 
@@ -357,7 +385,12 @@ class Multiplexer(Service):
             device.close()
             return
         self._pty = device
-        self.history.begin_boot()
+        if self._continuing:
+            self._continuing = False
+        else:
+            self.history.begin_boot()
+            if self.recorder is not None:
+                self.recorder.boot(self.history.end)
         if self._went_down:
             self.reopen_count += 1
         self.up = True
@@ -456,6 +489,8 @@ class Multiplexer(Service):
         now = self.last_output_at = self._seconds()
         chunk = Chunk(self.history.end, data)
         self.history.append(data, now)
+        if self.recorder is not None:
+            self.recorder.appended(chunk.offset, data, now)
         end = chunk.end
         for attachment in list(self._attachments):
             if attachment.paused or not attachment.attached:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Protocol
 from twisted.logger import Logger
 
 from ..console.history import History
+from ..console.inputpath import REFUSED_BACKLOG_FULL
 from ..console.multiplexer import (
     CLOSE_LAGGING,
     Attachment,
@@ -85,6 +86,11 @@ SUBPROTOCOL_V1 = "cloud-console.v1"
 
 _OFFSET = struct.Struct("!Q")
 
+#: Close code for an original-protocol client whose input was refused because the
+#: console's input backlog is full: that protocol has no words for a refusal, and input
+#: dropped on a connection left open and quiet would be lost without a trace.
+CLOSE_INPUT_REFUSED = 4003
+
 
 def frame_raw(factory: Any, chunk: Chunk) -> Any:
     """The original protocol's frame: the bytes alone."""
@@ -109,8 +115,24 @@ class OriginalDialect:
         return None
 
     def message(self, attachment: Attachment, payload: bytes, is_binary: bool) -> None:
-        """Every message is input (text as its UTF-8 bytes); refusals cannot be told."""
-        self.connection.typed(attachment, payload)
+        """
+        Every message is input (text as its UTF-8 bytes). This protocol cannot tell a
+        refusal, so input refused because the guest is not reading (the backlog full)
+        closes this client alone with L{CLOSE_INPUT_REFUSED} and the reason: its typist
+        learns that keystrokes were lost instead of typing on into a quiet connection.
+        Other refusals (read-only, console down) stay silent, as in the original tool.
+        """
+        refused = self.connection.typed(attachment, payload)
+        if refused == REFUSED_BACKLOG_FULL:
+            self._log.info(
+                "closing peer {peer}: its input was refused ({why})",
+                peer=self.connection.peer_name,
+                why=refused,
+            )
+            self.connection.close(
+                CLOSE_INPUT_REFUSED,
+                f"input refused: {refused}, {attachment.input_discarded} bytes not written",
+            )
 
     def output(self, chunk: Chunk) -> None:
         factory = self.connection.factory
