@@ -438,11 +438,15 @@ class _QmpConversation:
         self._timeout = timeout
         self._buffer = b""
 
-    def execute(self, command: str) -> Any:
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """
-        Send one command and return its C{return} value, skipping events.
+        Send one command (with its C{arguments}, if any) and return its C{return}
+        value, skipping events.
         """
-        self._sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
         while True:
             message = self.read_message(f"answer to {command}")
             if "event" in message:
