@@ -49,16 +49,24 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(computed, expected)
 
 
-_FIELD_HELP = "read-only, read-write or consoles=PATTERNS"
+_FIELD_HELP = "read-only, read-write, control or consoles=PATTERNS"
 
 
 def _options(fields: list[str], where: str, name: str) -> Access:
-    """The fields after a password hash or a token: a role and a console list, each once."""
+    """
+    The fields after a password hash or a token: a role, C{control} (the right to the
+    consoles' actions: SysRq, BREAK, reset, power button) and a console list, each once.
+    """
     read_only: bool | None = None
     consoles: tuple[str, ...] | None = None
+    control = False
     for field in fields:
         key, sep, value = field.partition("=")
-        if sep and key == "consoles":
+        if not sep and field == "control":
+            if control:
+                raise CredentialFileError(f"{where}: control given twice")
+            control = True
+        elif sep and key == "consoles":
             if consoles is not None:
                 raise CredentialFileError(f"{where}: consoles= given twice")
             try:
@@ -72,13 +80,15 @@ def _options(fields: list[str], where: str, name: str) -> Access:
                 read_only = field in ("read-only", "ro")
         else:
             raise CredentialFileError(f"{where}: unknown field {field!r} (expected {_FIELD_HELP})")
-    return Access(name, bool(read_only), consoles or ())
+    if control and read_only:
+        raise CredentialFileError(f"{where}: control and read-only together (read-only never controls)")
+    return Access(name, bool(read_only), consoles or (), control=control)
 
 
 def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
     """
-    Read C{user:hash[:read-only][:consoles=web-*,db1]} lines (the fields after the hash in
-    either order; C{#} comments and blank lines allowed), as user: (hash, access).
+    Read C{user:hash[:read-only][:control][:consoles=web-*,db1]} lines (the fields after
+    the hash in any order; C{#} comments and blank lines allowed), as user: (hash, access).
 
     @raise CredentialFileError: unreadable, a malformed line or field, or a plain-text
         password.
@@ -106,7 +116,7 @@ def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
 
 def load_token_file(path: str) -> list[tuple[bytes, Access]]:
     """
-    Read C{TOKEN [read-only] [consoles=web-*,db1]} lines (C{#} comments and blank lines
+    Read C{TOKEN [read-only] [control] [consoles=web-*,db1]} lines (C{#} comments and blank lines
     allowed), as (token, access); the access is named C{token #N} after its place.
 
     @raise CredentialFileError: unreadable, a token shorter than 16 characters, or a bad
@@ -124,8 +134,8 @@ def load_token_file(path: str) -> list[tuple[bytes, Access]]:
         where = f"{path} line {number}"
         if len(fields[0]) < 16:
             raise CredentialFileError(f"{where}: a token must be at least 16 characters")
-        if len(fields) > 3:
-            raise CredentialFileError(f"{where}: expected: token [read-only] [consoles=PATTERNS]")
+        if len(fields) > 4:
+            raise CredentialFileError(f"{where}: expected: token [read-only] [control] [consoles=PATTERNS]")
         access = _options(fields[1:], where, f"token #{len(tokens) + 1}")
         tokens.append((fields[0].encode("utf-8"), access))
     return tokens
