@@ -322,6 +322,9 @@ def _build_fleet(options: Any, reactor: Any) -> ConsoleService:
     if settings.origins.allow_any:
         service._log.warn("--allow-origin '*': any web page may open the consoles' WebSockets")
     fleet = FleetResources(registry, settings, options["static-dir"])
+    fleet.allow_control = bool(options["allow-control"])
+    if fleet.allow_control and not (options["password-file"] or options["token-file"] or options["link-secret"]):
+        service._log.warn("--allow-control without credentials: anyone who reaches the port may reset the VMs")
     try:
         site = build_fleet_site(
             fleet,

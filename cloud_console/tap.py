@@ -74,6 +74,12 @@ class Options(usage.Options):
             "Follow the console: when it goes away (reboot, VMM restart), keep the clients "
             "and the history and open the source again (resolved anew) until it is back.",
         ],
+        [
+            "allow-control",
+            None,
+            "Without credentials (no --password-file, --token-file, --link-secret), offer "
+            "the consoles' actions (SysRq, reset, power button) to anyone who reaches the port.",
+        ],
     ]
     optParameters = [
         ["pty", None, None, "Same as --console pty:PATH."],

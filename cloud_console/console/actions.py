@@ -15,7 +15,11 @@ Each source says which it can (L{actions_for}), and L{perform} does one:
 
 Like source resolution (L{cloud_console.console.sources}), this is B{blocking} code with
 short timeouts, to be run in a worker thread: QEMU serves one QMP client at a time, so
-each action opens, acts and hangs up. Nothing here touches the reactor or any door.
+each action opens, acts and hangs up. L{ConsoleActions} is the one console's side of it,
+shared by both doors: it runs the blocking part through the console's thread runner,
+tells everyone on the console, counts (for C{/metrics}) and logs each action. Whether a
+credential may act is the door's to check (the C{control} right of
+L{cloud_console.access.policy.Access}); nothing here imports a door or the policy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ import json
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .multiplexer import Multiplexer
 
 from .sources import (
     CloudHypervisorSource,
@@ -243,3 +254,84 @@ def _perform_cloud_hypervisor(api_socket: str, request: ActionRequest, timeout: 
     raise ActionError(
         f"{where}: {verb} failed with HTTP {response.status} {response.reason}: {_brief(body)}"
     )
+
+
+class ConsoleActions:
+    """
+    One console's actions, as both doors use them: check, run off the reactor thread,
+    tell everyone on the console, count and log.
+
+    @ivar counts: actions by (action, outcome), outcome one of C{done}, C{failed}
+        (the VMM could not), C{refused} (the source cannot, or bad arguments); read by
+        C{/metrics}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        source: Callable[[], Source],
+        multiplexer: Multiplexer,
+        run_blocking: Callable[[Callable[[], Any]], Deferred[Any]],
+        timeout: float = 2.0,
+    ) -> None:
+        """
+        @param source: the console's source now (a reload may change it in place).
+        @param run_blocking: runs a blocking call in a worker thread (the console's).
+        """
+        self.name = name
+        self._source = source
+        self.multiplexer = multiplexer
+        self._run_blocking = run_blocking
+        self.timeout = timeout
+        self.counts: dict[tuple[str, str], int] = {}
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        """The actions this console's source can do (see L{actions_for})."""
+        return actions_for(self._source())
+
+    def perform(self, request: ActionRequest, who: str, via: str) -> Deferred[str]:
+        """
+        Do C{request} for C{who} (coming through door C{via}: C{"web"}, C{"ssh"}).
+
+        Refusals (L{ActionUnsupported}, L{ActionInvalid}) fail the Deferred before
+        anything is sent to the VMM. On success everyone on the console is told, and the
+        Deferred fires with the time told (ISO 8601, UTC).
+        """
+        source = self._source()
+        try:
+            check(source, request)
+        except ActionError as e:
+            self._outcome(request, who, via, "refused", str(e))
+            return fail(e)
+        d = self._run_blocking(lambda: perform(source, request, self.timeout))
+
+        def done(_: object) -> str:
+            at = self.multiplexer.announce_action(who, request.describe())
+            self._outcome(request, who, via, "done", "")
+            return at
+
+        def failed(failure: Failure) -> Failure:
+            failure.trap(ActionError)
+            self._outcome(request, who, via, "failed", failure.getErrorMessage())
+            return failure
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def _outcome(self, request: ActionRequest, who: str, via: str, outcome: str, reason: str) -> None:
+        """Count and log one action's outcome, with structured fields (for the audit)."""
+        key = (request.action, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        fields = dict(
+            console=self.name, action=request.action, key=request.key, who=who, via=via,
+            outcome=outcome, reason=reason, description=request.describe(),
+        )
+        if outcome == "done":
+            self._log.info("console {console}: {who} sent {description} ({via})", **fields)
+        else:
+            self._log.warn(
+                "console {console}: {description} by {who} ({via}) {outcome}: {reason}", **fields
+            )

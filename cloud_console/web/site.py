@@ -25,6 +25,7 @@ from ..console.console import Console, ConsoleStatus
 from ..console.export import asciicast, plain_text
 from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
+from .actions import ActionsPage
 from .gate import AuthGate, access_of, build_gate
 from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
 from .websocket import ConsoleServerFactory, ConsoleSettings
@@ -350,20 +351,25 @@ def _totals(statuses: list[ConsoleStatus]) -> dict[str, int]:
 
 
 class ConsoleList(resource.Resource):
-    """C{GET /api/consoles}: the consoles this credential may see, as JSON."""
+    """
+    C{GET /api/consoles}: the consoles this credential may see, as JSON; with each
+    console's C{actions} when the credential may use them (the C{control} right).
+    """
 
     isLeaf = True
 
-    def __init__(self, statuses: Callable[[], list[ConsoleStatus]]) -> None:
+    def __init__(self, statuses: Callable[[], list[ConsoleStatus]], control: bool = False) -> None:
         resource.Resource.__init__(self)
         self.statuses = statuses
+        self.control = control
 
     def render_GET(self, request: Request) -> bytes:
         statuses = self.statuses()
-        return _json(
-            request,
-            {"consoles": [_console_json(s) for s in statuses], "totals": _totals(statuses)},
-        )
+        consoles = [_console_json(s) for s in statuses]
+        if self.control:
+            for entry, status in zip(consoles, statuses):
+                entry["actions"] = list(status.actions)
+        return _json(request, {"consoles": consoles, "totals": _totals(statuses)})
 
 
 class Health(resource.Resource):
@@ -422,7 +428,9 @@ EVERYONE = Access("anyone", read_only=False)
 class ConsolePages(resource.Resource):
     """C{/c/NAME/...}: console NAME's page, WebSocket and history, if this access may see it."""
 
-    def __init__(self, registry: ConsoleRegistry, access: Access, tree_for: Callable[[Console, bool], resource.IResource]) -> None:
+    def __init__(
+        self, registry: ConsoleRegistry, access: Access, tree_for: Callable[[Console, bool, bool], resource.IResource]
+    ) -> None:
         resource.Resource.__init__(self)
         self.registry = registry
         self.access = access
@@ -438,7 +446,7 @@ class ConsolePages(resource.Resource):
             # 404 either way: the names of consoles a credential may not see are not told.
             not_found: resource.IResource = pages.notFound()
             return not_found
-        return self.tree_for(console, self.access.read_only)
+        return self.tree_for(console, self.access.read_only, self.access.may_control)
 
 
 class FleetResources:
@@ -459,16 +467,30 @@ class FleetResources:
         self.refusals = settings.refusals or RefusalCounts()
         #: The front doors' sessions and failures, for the full C{/metrics} (set by the wiring).
         self.fronts: Callable[[], FrontCounts] | None = None
+        #: Whether a server without credentials offers the consoles' actions to anyone
+        #: (C{--allow-control}).
+        self.allow_control = False
 
-    def console_tree(self, console: Console, read_only: bool) -> resource.IResource:
-        """Console C{console}'s page, C{ws} and C{history} (made once per console and mode)."""
-        key = ("tree", read_only)
+    def anonymous(self) -> Access:
+        """Who anyone is on a server without credentials."""
+        return Access("anyone", read_only=False, control=self.allow_control)
+
+    def console_tree(self, console: Console, read_only: bool, control: bool = False) -> resource.IResource:
+        """
+        Console C{console}'s page, C{ws}, C{history} and C{actions} (made once per console
+        and mode; the factory is shared by the modes that differ only in control).
+        """
+        key = ("tree", read_only, control)
         tree = console.resources.get(key)
         if tree is None:
-            factory = ConsoleServerFactory(
-                console.multiplexer, self.settings, read_only=read_only, title=lambda: console.spec.title
-            )
+            factory_key = ("factory", read_only)
+            factory = console.resources.get(factory_key)
+            if factory is None:
+                factory = console.resources[factory_key] = ConsoleServerFactory(
+                    console.multiplexer, self.settings, read_only=read_only, title=lambda: console.spec.title
+                )
             tree = console.resources[key] = build_tree(console.multiplexer, factory, self.where)
+            tree.putChild(b"actions", ActionsPage(console.actions, control and not read_only, self.settings.origins))
         return tree
 
     def statuses_for(self, access: Access) -> Callable[[], list[ConsoleStatus]]:
@@ -485,7 +507,7 @@ class FleetResources:
             root.putChild(b"", MissingFrontend(self.where))
         root.putChild(b"c", ConsolePages(self.registry, access, self.console_tree))
         api = resource.Resource()
-        api.putChild(b"consoles", ConsoleList(self.statuses_for(access)))
+        api.putChild(b"consoles", ConsoleList(self.statuses_for(access), access.may_control))
         root.putChild(b"api", api)
         registry = metrics_registry(self.statuses_for(access), self.refusals, process=False)
         root.putChild(b"metrics", MetricsPage(lambda request: registry))
@@ -536,7 +558,7 @@ def build_fleet_site(
     @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     if not (password_file or token_file or link_secret):
-        rest = fleet.root_for(EVERYONE)
+        rest = fleet.root_for(fleet.anonymous())
         root = _PublicHealth(Health(fleet.registry), rest)
         return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
     gate: AuthGate = build_gate(
