@@ -26,6 +26,29 @@ OTHER = "0ther-token-0123456789"
 JSON = {"Content-Type": "application/json"}
 
 
+def recording_qmp(test: TestCase, path: str, pty: str, commands: list[dict[str, Any]]) -> _ScriptedServer:
+    """
+    A QMP server at C{path} whose serial chardev is C{pty}, appending every command it
+    receives (but the handshake and query-chardev) to C{commands}: the VMM's side.
+    """
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        for line in conn.makefile("rb"):
+            message = json.loads(line)
+            if message["execute"] == "query-chardev":
+                answer = {"return": [{"label": "charserial0", "filename": f"pty:{pty}"}]}
+                conn.sendall(json.dumps(answer).encode() + b"\r\n")
+                continue
+            if message["execute"] != "qmp_capabilities":
+                commands.append(message)
+            conn.sendall(b'{"return": {}}\r\n')
+
+    server = _ScriptedServer(path, script)
+    test.addCleanup(server.stop)
+    return server
+
+
 def bearer(token: str, **more: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", **more}
 
@@ -45,7 +68,7 @@ class WebActionTests(TestCase):
         self.addCleanup(self.standin.stop)
         self.standin.boot(pty_path=self.ch_guest.path)
         self.qmp_commands: list[dict[str, Any]] = []
-        self.qmp = self._qmp_server(os.path.join(directory, "vm.qmp"), self.qmp_guest.path)
+        self.qmp = recording_qmp(self, os.path.join(directory, "vm.qmp"), self.qmp_guest.path, self.qmp_commands)
         tokens = Path(self.mktemp()).resolve()
         tokens.write_text(
             f"{CONTROL} control\n{WRITER}\n{READER} read-only\n{OTHER} control consoles=vm-other\n"
@@ -59,25 +82,6 @@ class WebActionTests(TestCase):
             "--token-file", str(tokens),
             "--port", f"tcp:port={self.port}:interface=127.0.0.1",
         ])
-
-    def _qmp_server(self, path: str, pty: str) -> _ScriptedServer:
-        """A QMP server whose chardev is C{pty}, recording every command but the handshake."""
-
-        def script(conn: socket.socket) -> None:
-            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
-            for line in conn.makefile("rb"):
-                message = json.loads(line)
-                if message["execute"] == "query-chardev":
-                    answer = {"return": [{"label": "charserial0", "filename": f"pty:{pty}"}]}
-                    conn.sendall(json.dumps(answer).encode() + b"\r\n")
-                    continue
-                if message["execute"] != "qmp_capabilities":
-                    self.qmp_commands.append(message)
-                conn.sendall(b'{"return": {}}\r\n')
-
-        server = _ScriptedServer(path, script)
-        self.addCleanup(server.stop)
-        return server
 
     async def post(self, console: str, action: str, body: dict[str, Any] | bytes | None = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
