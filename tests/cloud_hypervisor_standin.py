@@ -263,7 +263,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if body:  # a 204 has none, and its client may be gone already
+            self.wfile.write(body)
 
     do_GET = _reply
     do_PUT = _reply

@@ -10,8 +10,11 @@ Each source says which it can (L{actions_for}), and L{perform} does one:
     when SysRq is enabled), C{system_reset}, C{system_powerdown}.
   - C{cloud-hypervisor:}: C{PUT /api/v1/vm.reboot} and C{PUT /api/v1/vm.power-button}
     on its API socket (204 when done). It has no way to press a key, so no SysRq.
-  - C{pty:} and C{unix:}: nothing; a pty cannot carry a BREAK to QEMU (its chardev
-    ignores the slave's break), and a plain socket has no out-of-band signal.
+  - C{telnet+unix:} (QEMU's socket chardev with C{telnet=on}): a serial BREAK, as a
+    telnet BREAK on the console's own connection (L{cloud_console.console.telnet}).
+  - C{pty:} and C{unix:}: nothing; a pty cannot carry a BREAK to QEMU (measured: Linux
+    ptys ignore C{tcsendbreak}, and the guest saw nothing; tests/test_telnet.py), and a
+    plain socket has no out-of-band signal.
 
 Like source resolution (L{cloud_console.console.sources}), this is B{blocking} code with
 short timeouts, to be run in a worker thread: QEMU serves one QMP client at a time, so
@@ -31,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,6 +45,7 @@ from .sources import (
     QmpSource,
     Source,
     SourceError,
+    TelnetUnixSource,
     _brief,
     _os_reason,
     _QmpConversation,
@@ -117,6 +121,8 @@ def actions_for(source: Source) -> tuple[str, ...]:
         return ("sysrq", "reset", "power-button")
     if isinstance(source, CloudHypervisorSource):
         return ("reset", "power-button")
+    if isinstance(source, TelnetUnixSource):
+        return ("break",)
     return ()
 
 
@@ -150,10 +156,10 @@ def check(source: Source, request: ActionRequest) -> None:
 def _why_not(source: Source, action: str) -> str:
     """A hint on why a source lacks an action."""
     if action == "break":
-        return "; a BREAK needs a telnet-mode socket, and a pty cannot carry one to QEMU"
+        return "; a BREAK needs a telnet+unix: source (QEMU telnet=on), and a pty cannot carry one"
     if action == "sysrq" and isinstance(source, CloudHypervisorSource):
         return "; cloud-hypervisor's API cannot press keys (send BREAK then the key instead)"
-    if not isinstance(source, (QmpSource, CloudHypervisorSource)):
+    if not isinstance(source, (QmpSource, CloudHypervisorSource, TelnetUnixSource)):
         return "; use a qmp: or cloud-hypervisor: source to reach the VMM"
     return ""
 
@@ -167,6 +173,8 @@ def perform(source: Source, request: ActionRequest, timeout: float = 2.0) -> Non
     @raise ActionError: the VMM is unreachable, silent, or refused.
     """
     check(source, request)
+    if request.action == "break":
+        raise ActionError("a BREAK goes on the console's own connection, not to the VMM")
     if isinstance(source, QmpSource):
         _perform_qmp(source.qmp_socket, request, timeout)
     elif isinstance(source, CloudHypervisorSource):
@@ -275,11 +283,15 @@ class ConsoleActions:
         multiplexer: Multiplexer,
         run_blocking: Callable[[Callable[[], Any]], Deferred[Any]],
         timeout: float = 2.0,
+        device: Callable[[], Any] | None = None,
     ) -> None:
         """
         @param source: the console's source now (a reload may change it in place).
         @param run_blocking: runs a blocking call in a worker thread (the console's).
+        @param device: the console's open device now, or C{None} (for a BREAK, which
+            goes on the console's own connection).
         """
+        self._device = device
         self.name = name
         self._source = source
         self.multiplexer = multiplexer
@@ -306,7 +318,11 @@ class ConsoleActions:
         except ActionError as e:
             self._outcome(request, who, via, "refused", str(e))
             return fail(e)
-        d = self._run_blocking(lambda: perform(source, request, self.timeout))
+        d: Deferred[Any]
+        if request.action == "break":
+            d = self._send_break()
+        else:
+            d = self._run_blocking(lambda: perform(source, request, self.timeout))
 
         def done(_: object) -> str:
             at = self.multiplexer.announce_action(who, request.describe())
@@ -318,8 +334,15 @@ class ConsoleActions:
             self._outcome(request, who, via, "failed", failure.getErrorMessage())
             return failure
 
-        d.addCallbacks(done, failed)
-        return d
+        return d.addCallbacks(done, failed)
+
+    def _send_break(self) -> Deferred[None]:
+        """A BREAK on the console's connection, now (in order with the input before it)."""
+        device = self._device() if self._device is not None else None
+        if device is None or not getattr(device, "can_break", False):
+            return fail(ActionError("the console is not open now: no BREAK sent"))
+        device.send_break()
+        return succeed(None)
 
     def _outcome(self, request: ActionRequest, who: str, via: str, outcome: str, reason: str) -> None:
         """Count and log one action's outcome, with structured fields (for the audit)."""

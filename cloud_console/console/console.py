@@ -114,7 +114,8 @@ class Console(MultiService):
         self.resources: dict[Any, Any] = {}
         #: What an operator can do to the VM besides typing (SysRq, reset...).
         self.actions = ConsoleActions(
-            self.name, lambda: self.spec.source, multiplexer, run_blocking or _run_here
+            self.name, lambda: self.spec.source, multiplexer, run_blocking or _run_here,
+            device=lambda: follower.device,
         )
 
     def open_now(self) -> None:

@@ -49,6 +49,8 @@ class OpenedConsole:
     #: What was opened, for messages: "pty /dev/pts/7".
     name: str
     path: str
+    #: It speaks telnet (L{cloud_console.console.telnet}).
+    telnet: bool = False
 
 
 def open_source(source: Source, raw: bool) -> OpenedConsole:
@@ -62,7 +64,7 @@ def open_source(source: Source, raw: bool) -> OpenedConsole:
     if target.kind == "pty":
         fd, saved = open_tty(target.path, raw)
         return OpenedConsole(fd, saved, str(target), target.path)
-    return OpenedConsole(connect_unix(target.path), None, str(target), target.path)
+    return OpenedConsole(connect_unix(target.path), None, str(target), target.path, target.telnet)
 
 
 def _run_here(function: Callable[[], Any]) -> Deferred[Any]:
@@ -139,6 +141,7 @@ class ConsoleFollower(Service):
             saved_attributes=opened.saved_attributes,
             reactor=self.reactor,
             read_budget=multiplexer.read_budget,
+            telnet=opened.telnet,
         )
         self.device = device
         self._up_since = self.reactor.seconds()
