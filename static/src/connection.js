@@ -119,6 +119,7 @@ export class ConsoleConnection {
         break;
       case 'clients': this.listener.clients(message.count); break;
       case 'times': this.onTimes(message); break;
+      case 'action': this.listener.action?.(message); break;
       case 'closed':
         this.closedReason = bareReason(message.reason);
         this.emitState('closed');
