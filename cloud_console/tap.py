@@ -58,7 +58,7 @@ class Options(usage.Options):
     longdesc = (
         "Serve a console (a virtual machine's serial console, or any program's pty) as a "
         "web terminal shared by every browser that connects. SOURCE is pty:PATH (or a "
-        "bare path), unix:PATH, cloud-hypervisor:API_SOCKET or "
+        "bare path), unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET or "
         "qmp:QMP_SOCKET[:chardev=LABEL]. --port takes a Twisted "
         "endpoint description, e.g. tcp:port=8080:interface=127.0.0.1, "
         "ssl:port=8443:privateKey=key.pem:certKey=cert.pem, unix:/run/console.sock, "
@@ -206,7 +206,8 @@ class Options(usage.Options):
     def opt_console(self, value: str) -> None:
         """
         Where a console is: SOURCE for the one console (pty:PATH or a bare path,
-        unix:PATH, cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL]), or
+        unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET,
+        qmp:QMP_SOCKET[:chardev=LABEL]), or
         NAME=SOURCE, repeatable, for a host's consoles in one process.
         """
         from .fleet.config import split_console_option

@@ -157,6 +157,11 @@ class PasswordTests(SynchronousTestCase):
         self.assertTrue(verify_password("second", encoded))
         self.assertNotIn("second", open(path).read())
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.patch(sys, "stdin", io.StringIO("third\n"))
+        self.assertEqual(passwd.main([path, "bob", "--control"]), 0)
+        self.assertTrue(load_password_file(path)["bob"][1].may_control)
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(passwd.main([path, "carol", "--control", "--read-only"]), 1)
 
 
 class GateTestCase(SynchronousTestCase):
