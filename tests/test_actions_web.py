@@ -160,6 +160,13 @@ class WebActionTests(TestCase):
             code, raw = await http_get(self.port, "/api/consoles", bearer(token))
             self.assertEqual(code, 200)
             self.assertTrue(all("actions" not in c for c in json.loads(raw)["consoles"]), token)
+        # The page asks under the console's path (where a link's cookie goes).
+        code, raw = await http_get(self.port, "/c/vm-qmp/actions/", bearer(CONTROL))
+        self.assertEqual((code, json.loads(raw)), (200, {"actions": ["sysrq", "reset", "power-button"]}))
+        code, raw = await http_get(self.port, "/c/vm-qmp/actions/", bearer(WRITER))
+        self.assertEqual((code, json.loads(raw)), (200, {"actions": []}))
+        code, raw = await http_get(self.port, "/c/vm-ch/actions/", bearer(OTHER))
+        self.assertEqual(code, 404)
 
     async def test_counted_and_logged(self) -> None:
         """Done and refused actions are counted in /metrics and logged with their fields."""

@@ -57,6 +57,18 @@ class ActionsPage(resource.Resource):
         self.control = control
         self.origins = origins
 
+    def render_GET(self, request: Request) -> bytes:
+        """
+        C{GET actions/}: the actions this credential may use here (the page asks this,
+        under the console's own path, where a signed link's cookie is sent). An action's
+        own URL takes only POST.
+        """
+        postpath = request.postpath or []
+        if postpath not in ([], [b""]):
+            request.setHeader(b"allow", b"POST")
+            return _answer(request, 405, {"ok": False, "error": "an action is a POST"})
+        return _answer(request, 200, {"actions": list(self.actions.available) if self.control else []})
+
     def render_POST(self, request: Request) -> Any:
         """Check, act, and answer JSON (C{ok}, and C{error} or C{at})."""
         postpath = request.postpath or []

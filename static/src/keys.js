@@ -53,11 +53,11 @@ export class KeysMenu {
   async load() {
     if (this.name === null) return;
     try {
-      const response = await fetch('../../api/consoles', { cache: 'no-store' });
+      // Under the console's own path: a signed link's cookie is scoped to it.
+      const response = await fetch('actions/', { cache: 'no-store' });
       if (!response.ok) return;
       const body = await response.json();
-      const entry = (body.consoles || []).find((c) => c.name === this.name);
-      this.setActions(entry && Array.isArray(entry.actions) ? entry.actions : []);
+      this.setActions(Array.isArray(body.actions) ? body.actions : []);
     } catch {
       // No list (an older server, a proxy in the way): no menu.
     }
