@@ -209,6 +209,8 @@ def _build_single(options: Any, reactor: Any) -> ConsoleService:
             token_file=options["token-file"],
             run_in_thread=_thread_runner(reactor),
             link_secret=options["link-secret"],
+            actions=console.actions,
+            allow_control=bool(options["allow-control"]),
         )
     except CredentialFileError as e:
         if console.follower.device is not None:

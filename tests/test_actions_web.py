@@ -215,3 +215,30 @@ class AnonymousActionTests(TestCase):
         self.assertEqual(code, 200, body)
         self.assertEqual(body["by"], "anonymous")
         self.assertEqual(standin.actions, ["vm.reboot"])
+
+
+class SingleConsoleActionTests(TestCase):
+    """The original command line's one console: its actions at /actions/ACTION."""
+
+    timeout = 60
+
+    async def test_single_console(self) -> None:
+        """With --allow-control and no credentials: listed and done; without: 403."""
+        directory = _short_tempdir(self)
+        guest = Guest()
+        self.addCleanup(guest.close)
+        commands: list[dict[str, Any]] = []
+        qmp = recording_qmp(self, os.path.join(directory, "vm.qmp"), guest.path, commands)
+        port = free_port()
+        await serve_process(self, [f"qmp:{qmp.path}", "127.0.0.1", str(port), "--allow-control"])
+        code, raw = await http_get(port, "/actions/")
+        self.assertEqual((code, json.loads(raw)), (200, {"actions": ["sysrq", "reset", "power-button"]}))
+        code, body = await http_post(port, "/actions/sysrq", b'{"key": "w"}', JSON)
+        self.assertEqual(code, 200, body)
+        self.assertEqual([c["arguments"]["keys"][2]["data"] for c in commands], ["w"])
+
+        other = free_port()
+        await serve_process(self, [f"qmp:{qmp.path}", "127.0.0.1", str(other)])
+        code, body = await http_post(other, "/actions/reset", b"{}", JSON)
+        self.assertEqual(code, 403, body)
+        self.assertEqual(len(commands), 1)

@@ -25,6 +25,7 @@ from ..console.console import Console, ConsoleStatus
 from ..console.export import asciicast, plain_text
 from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
+from ..console.actions import ConsoleActions
 from .actions import ActionsPage
 from .gate import AuthGate, access_of, build_gate
 from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
@@ -286,6 +287,8 @@ def build_site(
     token_file: str | None = None,
     run_in_thread: Any = None,
     link_secret: str | None = None,
+    actions: ConsoleActions | None = None,
+    allow_control: bool = False,
 ) -> tuple[ConsoleSite, ConsoleServerFactory]:
     """
     The console's web site.
@@ -296,18 +299,27 @@ def build_site(
     @param token_file: require (or also accept) bearer tokens from this file.
     @param link_secret: require (or also accept) links signed with the key in this file
         (their C{console} claim must be C{*}: this console has no name).
+    @param actions: the console's actions, served at C{/actions/} to a credential with
+        the control right (or to anyone with C{allow_control} and no credentials).
     @return: the site and the (read-write) WebSocket factory behind C{/ws}.
     @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     factory = ConsoleServerFactory(multiplexer, settings)
+
+    def with_actions(tree: resource.Resource, control: bool) -> resource.Resource:
+        if actions is not None:
+            tree.putChild(b"actions", ActionsPage(actions, control, settings.origins))
+        return tree
+
     if not (password_file or token_file or link_secret):
-        return ConsoleSite(build_tree(multiplexer, factory, static_dir), timeout=HTTP_IDLE_TIMEOUT), factory
+        tree = with_actions(build_tree(multiplexer, factory, static_dir), allow_control)
+        return ConsoleSite(tree, timeout=HTTP_IDLE_TIMEOUT), factory
 
     def tree_for(access: Access) -> resource.IResource:
         chosen = factory
         if access.read_only:
             chosen = ConsoleServerFactory(multiplexer, settings, read_only=True)
-        return build_tree(multiplexer, chosen, static_dir)
+        return with_actions(build_tree(multiplexer, chosen, static_dir), access.may_control)
 
     refusals = settings.refusals
     gate = build_gate(

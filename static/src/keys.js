@@ -41,7 +41,7 @@ export class KeysMenu {
     this.ask = ask;
     this.button = doc.getElementById('keys');
     this.menu = doc.getElementById('keymenu');
-    this.name = consoleName(doc.location.pathname);
+    this.pathName = consoleName(doc.location.pathname);
     this.actions = [];
     this.button.addEventListener('click', () => this.toggle());
     doc.addEventListener('keydown', (event) => {
@@ -49,9 +49,13 @@ export class KeysMenu {
     });
   }
 
+  /** The console's name; the one console of a single-console server has none: its title. */
+  get name() {
+    return this.pathName ?? this.doc.title;
+  }
+
   /** Ask the server which actions this credential may use here; show the menu if any. */
   async load() {
-    if (this.name === null) return;
     try {
       // Under the console's own path: a signed link's cookie is scoped to it.
       const response = await fetch('actions/', { cache: 'no-store' });
