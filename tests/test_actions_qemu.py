@@ -42,6 +42,9 @@ class QemuActionTests(QemuTestCase):
         self.addCleanup(lambda: None if watcher.close_status else watcher.transport.abortConnection())
         guest.cont()
         await self.shell(watcher)
+        # The keyboard is bound by the kernel's serio thread, which may come after the
+        # shell on a loaded host: keys sent before that are lost.
+        await watcher.wait_for(lambda c: "input: AT Translated Set 2 keyboard" in c.text())
 
         since = len(watcher.text())
         await self.act("sysrq", {"key": "h"})
