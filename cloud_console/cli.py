@@ -24,7 +24,7 @@ usage: cloud-console <path_to_pty> <bind_ip> <bind_port> [<log_file>] [options]
        cloud-console --demo [<bind_ip> <bind_port>]
 
   path_to_pty  the pty slave to serve, e.g. /dev/pts/7, or any console SOURCE:
-               pty:PATH, unix:PATH, cloud-hypervisor:API_SOCKET,
+               pty:PATH, unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET,
                qmp:QMP_SOCKET[:chardev=LABEL]
   bind_ip      the address to listen on (IPv4 or IPv6), e.g. 127.0.0.1 or ::1
   bind_port    the TCP port to listen on (1-65535)

@@ -22,13 +22,14 @@ from twisted.logger import Logger
 
 from .access.audit import NO_AUDIT, Audit, AuditLog, AuditLogError
 from .access.policy import CredentialFileError
+from .console.actions import ActionObserver, ActionRequest
 from .console.console import Console, ConsoleLimits, build_console, console_state
-from .console.state import ConsoleState
 from .console.device import ConsoleOpenError
 from .console.logfile import LogFileError, LogFileSink
-from .console.multiplexer import Multiplexer
+from .console.multiplexer import ClientLabel, Multiplexer
 from .console.sources import SourceError
 from .console.spec import ConsoleSpec
+from .console.state import ConsoleState
 from .fleet.config import ConfigError, load_config
 from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
@@ -148,6 +149,16 @@ class ConsoleService(MultiService):
 
             stopped.addCallback(save)
         return stopped
+
+
+def _audit_actions(audit: Audit, reactor: Any) -> ActionObserver:
+    """An action's outcome as an audit event (console, who, door, action, key, outcome)."""
+
+    def observe(console: str, request: ActionRequest, who: str, via: str, outcome: str, reason: str) -> None:
+        label = ClientLabel(via, who, "", reactor.seconds())
+        audit.action(console or None, label, request.action, key=request.key, outcome=outcome, reason=reason)
+
+    return observe
 
 
 def _audit(service: ConsoleService, options: Any, reactor: Any) -> Audit:
@@ -290,6 +301,7 @@ def _build_single(
         if console.follower.device is not None:
             console.follower.device.close()
         raise
+    console.actions.observers.append(_audit_actions(audit, reactor))
     settings = _settings(options, refusals=RefusalCounts(), audit=audit)
     if settings.origins.allow_any:
         service._log.warn("--allow-origin '*': any web page may open this console's WebSocket")
@@ -302,6 +314,8 @@ def _build_single(
             token_file=options["token-file"],
             run_in_thread=_thread_runner(reactor),
             link_secret=options["link-secret"],
+            actions=console.actions,
+            allow_control=bool(options["allow-control"]),
         )
     except CredentialFileError as e:
         if console.follower.device is not None:
@@ -383,10 +397,13 @@ def _build_fleet(
     run_blocking = _thread_runner(reactor)
     states = saved if saved is not None else {}
 
+    action_observers: list[ActionObserver] = []
+
     def build(spec: ConsoleSpec) -> Console:
         console = build_console(
             spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None)
         )
+        console.actions.observers = action_observers  # shared: the audit log joins below
         if keeper is not None and keeper.journal is not None:
             keeper.journal.add(console)  # added by a reload: it joins the journal
         return console
@@ -424,6 +441,7 @@ def _build_fleet(
         reactor.callWhenRunning(rescan)
     refusals = RefusalCounts()
     audit = _audit(service, options, reactor)
+    action_observers.append(_audit_actions(audit, reactor))
     settings = _settings(
         options,
         audit=audit,
@@ -434,6 +452,9 @@ def _build_fleet(
     if settings.origins.allow_any:
         service._log.warn("--allow-origin '*': any web page may open the consoles' WebSockets")
     fleet = FleetResources(registry, settings, options["static-dir"])
+    fleet.allow_control = bool(options["allow-control"])
+    if fleet.allow_control and not (options["password-file"] or options["token-file"] or options["link-secret"]):
+        service._log.warn("--allow-control without credentials: anyone who reaches the port may reset the VMs")
     try:
         site = build_fleet_site(
             fleet,

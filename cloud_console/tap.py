@@ -58,7 +58,7 @@ class Options(usage.Options):
     longdesc = (
         "Serve a console (a virtual machine's serial console, or any program's pty) as a "
         "web terminal shared by every browser that connects. SOURCE is pty:PATH (or a "
-        "bare path), unix:PATH, cloud-hypervisor:API_SOCKET or "
+        "bare path), unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET or "
         "qmp:QMP_SOCKET[:chardev=LABEL]. --port takes a Twisted "
         "endpoint description, e.g. tcp:port=8080:interface=127.0.0.1, "
         "ssl:port=8443:privateKey=key.pem:certKey=cert.pem, unix:/run/console.sock, "
@@ -78,6 +78,12 @@ class Options(usage.Options):
             "audit-input",
             None,
             "With --audit-log, log what is typed too (base64), not only how many bytes.",
+        ],
+        [
+            "allow-control",
+            None,
+            "Without credentials (no --password-file, --token-file, --link-secret), offer "
+            "the consoles' actions (SysRq, reset, power button) to anyone who reaches the port.",
         ],
     ]
     optParameters = [
@@ -219,7 +225,8 @@ class Options(usage.Options):
     def opt_console(self, value: str) -> None:
         """
         Where a console is: SOURCE for the one console (pty:PATH or a bare path,
-        unix:PATH, cloud-hypervisor:API_SOCKET, qmp:QMP_SOCKET[:chardev=LABEL]), or
+        unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET,
+        qmp:QMP_SOCKET[:chardev=LABEL]), or
         NAME=SOURCE, repeatable, for a host's consoles in one process.
         """
         from .fleet.config import split_console_option

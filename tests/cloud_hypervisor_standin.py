@@ -24,6 +24,12 @@ that is documented or implemented in cloud-hypervisor/cloud-hypervisor:
   - Options serialize as JSON C{null} when unset (serde's default for C{Option}), so an
     unset C{file} or C{socket} is C{null}, not absent.
 
+It also takes C{PUT /api/v1/vm.reboot} and C{PUT /api/v1/vm.power-button} as the
+OpenAPI document gives them: 204 when done, 404 when the VM is not created, 405 when it
+is not booted (a JSON array of messages, as above). Each one done is appended to
+C{actions} (C{"vm.reboot"}, C{"vm.power-button"}), which is what tests check on the VMM's
+side; a reboot leaves the VM Running.
+
 The body is small but of the same shape: cpus, memory, payload, serial, console, and the
 top-level state and memory_actual_size.
 
@@ -96,6 +102,8 @@ class CloudHypervisorStandIn:
         self.state_file = state_file
         self.legacy_not_created = False
         self.requests: list[str] = []
+        #: The power actions done (vm.reboot, vm.power-button), in order.
+        self.actions: list[str] = []
         self._lock = threading.Lock()
         self._vm: dict[str, Any] | None = None
         self._override: tuple[int, bytes, str] | None = None
@@ -198,6 +206,8 @@ class CloudHypervisorStandIn:
         if self.state_file is not None:
             with open(self.state_file) as f:
                 vm = json.load(f)
+        if path in ("/api/v1/vm.reboot", "/api/v1/vm.power-button"):
+            return self._power(method, path[len("/api/v1/") :], vm)
         if path != "/api/v1/vm.info":
             return 404, json.dumps(["Not Found"]).encode(), "application/json"
         if method != "GET":
@@ -207,6 +217,21 @@ class CloudHypervisorStandIn:
             return status, json.dumps(NOT_CREATED).encode(), "application/json"
         body = vm_info_body(vm["state"], vm["serial"])
         return 200, json.dumps(body).encode(), "application/json"
+
+
+    def _power(self, method: str, verb: str, vm: dict[str, Any] | None) -> tuple[int, bytes, str]:
+        """
+        vm.reboot or vm.power-button: 204 and recorded on a booted VM, else its error.
+        """
+        if method != "PUT":
+            return 405, json.dumps(["Method Not Allowed"]).encode(), "application/json"
+        if vm is None:
+            return 404, json.dumps(["Error from API", "VM is not created"]).encode(), "application/json"
+        if vm["state"] not in ("Running", "Paused", "BreakPoint"):
+            return 405, json.dumps(["Error from API", "VM is not booted"]).encode(), "application/json"
+        with self._lock:
+            self.actions.append(verb)
+        return 204, b"", "application/json"
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -238,7 +263,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if body:  # a 204 has none, and its client may be gone already
+            self.wfile.write(body)
 
     do_GET = _reply
     do_PUT = _reply

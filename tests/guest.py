@@ -63,7 +63,7 @@ BOOT_TIMEOUT = 120.0
 #: Seconds allowed for one QMP reply or one QEMU start/exit.
 QMP_TIMEOUT = 30.0
 
-SerialKind = Literal["pty", "chardev-pty", "socket"]
+SerialKind = Literal["pty", "chardev-pty", "socket", "telnet"]
 
 # Bumped whenever the initramfs layout changes, so cached archives are not reused.
 _INITRAMFS_FORMAT = b"cloud-console-initramfs-1"
@@ -430,7 +430,9 @@ class QemuGuest:
     - ``"chardev-pty"``: ``-chardev pty,id=charserial0 -serial chardev:charserial0``, as
       libvirt does (query-chardev label ``charserial0``);
     - ``"pty"``: QEMU's own ``-serial pty`` (label ``serial0``);
-    - ``"socket"``: a unix socket server at ``serial_path`` (label ``charserial0``).
+    - ``"socket"``: a unix socket server at ``serial_path`` (label ``charserial0``);
+    - ``"telnet"``: the same socket in telnet mode (``telnet=on``: QEMU speaks telnet on
+      it and hands the guest a serial break for a telnet BREAK).
     """
 
     def __init__(
@@ -466,9 +468,10 @@ class QemuGuest:
         elif self.serial == "chardev-pty":
             serial = ["-chardev", "pty,id=charserial0", "-serial", "chardev:charserial0"]
         else:
+            telnet = ",telnet=on" if self.serial == "telnet" else ""
             serial = [
                 "-chardev",
-                f"socket,id=charserial0,path={self.serial_path},server=on,wait=off",
+                f"socket,id=charserial0,path={self.serial_path},server=on,wait=off{telnet}",
                 "-serial",
                 "chardev:charserial0",
             ]
@@ -653,7 +656,7 @@ class BootedGuest:
 
 def open_console(guest: QemuGuest) -> Console:
     """The console of a started guest, as its chardev kind requires."""
-    if guest.serial == "socket":
+    if guest.serial in ("socket", "telnet"):
         return Console.connect_unix(guest.serial_path)
     return Console.open_pty(guest.pty_path())
 

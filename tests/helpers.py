@@ -360,9 +360,9 @@ class V1Client(WebSocketClientProtocol):  # type: ignore[misc]
 
 
 async def connect_v1(port: int, path: str = "/ws", headers: dict[str, str] | None = None) -> V1Client:
-    """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port} (C{headers}: a credential)."""
+    """A connected, opened L{V1Client} to a server on 127.0.0.1:C{port} (the upgrade with C{headers})."""
     factory = WebSocketClientFactory(
-        f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"], headers=headers
+        f"ws://127.0.0.1:{port}{path}", protocols=["cloud-console.v1"], headers=headers or {}
     )
     factory.protocol = V1Client
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
@@ -592,6 +592,25 @@ async def http_request(
     raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
     response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), raw)
     return response.code, response.headers, await readBody(response)
+
+
+async def http_post(
+    port: int, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """A POST of C{body} to 127.0.0.1:C{port}: the status and the body (JSON decoded if it is)."""
+    import json
+    from io import BytesIO
+
+    from twisted.web.client import Agent, FileBodyProducer, readBody
+    from twisted.web.http_headers import Headers
+
+    raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
+    response = await Agent(reactor).request(
+        b"POST", f"http://127.0.0.1:{port}{path}".encode(), raw, FileBodyProducer(BytesIO(body))
+    )
+    data = await readBody(response)
+    types = response.headers.getRawHeaders(b"content-type") or [b""]
+    return response.code, json.loads(data) if types[0].startswith(b"application/json") else data
 
 
 async def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

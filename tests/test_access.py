@@ -157,6 +157,11 @@ class PasswordTests(SynchronousTestCase):
         self.assertTrue(verify_password("second", encoded))
         self.assertNotIn("second", open(path).read())
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.patch(sys, "stdin", io.StringIO("third\n"))
+        self.assertEqual(passwd.main([path, "bob", "--control"]), 0)
+        self.assertTrue(load_password_file(path)["bob"][1].may_control)
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(passwd.main([path, "carol", "--control", "--read-only"]), 1)
 
 
 class GateTestCase(SynchronousTestCase):
@@ -427,11 +432,39 @@ class RestrictedFileTests(SynchronousTestCase):
             ("name=a name=b", "name= given twice"), ("name=", "is not a name"),
             ("name=anonymous", "is not a name"), ("name=-x", "is not a name"),
             ("name=" + "a" * 65, "is not a name"),
+            ("consoles=", "empty console pattern"), ("control read-write consoles=a x", "expected: token"),
+            ("control control", "control given twice"),
+            ("read-only control", "control and read-only together"),
         ):
             path = self.write(f"0123456789abcdef\n\n1123456789abcdef {rest}\n")
             e = self.assertRaises(CredentialFileError, load_token_file, path)
             self.assertIn(f"{path} line 3", str(e), rest)
             self.assertIn(why, str(e), rest)
+
+    def test_control_field(self) -> None:
+        """C{control} on password and token lines, in any place among the fields."""
+        h = hash_password("pw", FAST)
+        users = load_password_file(
+            self.write(f"alice:{h}:control:consoles=web-*\nbob:{h}:consoles=web-*\ncarol:{h}:read-only\n")
+        )
+        self.assertEqual(users["alice"][1], Access("alice", False, ("web-*",), control=True))
+        self.assertTrue(users["alice"][1].may_control)
+        self.assertFalse(users["bob"][1].may_control)
+        self.assertFalse(users["carol"][1].may_control)
+        tokens = load_token_file(self.write("0123456789abcdef consoles=db1 control\n1123456789abcdef\n"))
+        self.assertTrue(tokens[0][1].may_control)
+        self.assertEqual(tokens[0][1].consoles, ("db1",))
+        self.assertFalse(tokens[1][1].may_control)
+        e = self.assertRaises(CredentialFileError, load_password_file, self.write(f"dave:{h}:control:ro\n"))
+        self.assertIn("control and read-only together", str(e))
+
+    def test_read_only_never_controls(self) -> None:
+        """An Access built read-only with control asked still may not control, and its
+        scope (the tree it is served) is the read-only one."""
+        access = Access("x", True, (), control=True)
+        self.assertFalse(access.may_control)
+        self.assertEqual(access.scope, Access("y", True).scope)
+        self.assertNotEqual(Access("x", False, control=True).scope, Access("y", False).scope)
 
     def test_checkers_carry_consoles(self) -> None:
         """A password and a token each yield their restricted access."""

@@ -182,6 +182,31 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual([e["address"] for e in events(moved / self.path.name)], ["b", "c"])
 
 
+class ActionAuditTests(SynchronousTestCase):
+    """A console action's outcome, as the service wires it, is an audit event."""
+
+    def test_action_outcomes(self) -> None:
+        from cloud_console.console.actions import ActionRequest
+        from cloud_console.service import _audit_actions
+
+        clock = Clock()
+        clock.advance(1000.0)
+        path = Path(self.mktemp())
+        audit = AuditLog(str(path), clock)
+        self.addCleanup(audit.close)
+        observe = _audit_actions(audit, clock)
+        observe("vm1", ActionRequest("sysrq", "t"), "alice", "web", "done", "")
+        observe("vm1", ActionRequest("reset"), "bob", "ssh", "refused", "the source cannot")
+        (done, refused) = events(path)
+        self.assertEqual(
+            {k: done[k] for k in ("event", "console", "identity", "front", "action", "key", "outcome")},
+            {"event": "action", "console": "vm1", "identity": "alice", "front": "web",
+             "action": "sysrq", "key": "t", "outcome": "done"},
+        )
+        self.assertEqual((refused["identity"], refused["front"], refused["action"], refused["outcome"],
+                          refused["reason"]), ("bob", "ssh", "reset", "refused", "the source cannot"))
+
+
 class WebDoorAuditTests(SynchronousTestCase):
     """The web door's calls, on a site over StringTransports and a memory clock."""
 

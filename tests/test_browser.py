@@ -387,6 +387,9 @@ def numbered_lines(count: int, start: int = 0, label: str = "line") -> Iterator[
 class BrowserHarness(SynchronousTestCase):
     """Headless Chromium, a scratch directory, and pages watched for errors."""
 
+    #: Emulate a phone instead of a desk: 390x844 CSS pixels, touch, mobile viewport.
+    phone = False
+
     def setUp(self) -> None:
         if not have_playwright:
             raise SkipTest("playwright is not installed (pip install -e '.[test]')")
@@ -423,7 +426,10 @@ class BrowserHarness(SynchronousTestCase):
                 executable_path=CHROMIUM,
                 headless=True,
                 args=CHROMIUM_ARGS,
-                viewport=ViewportSize(width=VIEWPORT_SIZE[0], height=VIEWPORT_SIZE[1]),
+                viewport=ViewportSize(width=390, height=844) if self.phone
+                else ViewportSize(width=VIEWPORT_SIZE[0], height=VIEWPORT_SIZE[1]),
+                has_touch=self.phone,
+                is_mobile=self.phone,
                 ignore_https_errors=True,
                 accept_downloads=True,
             )

@@ -115,6 +115,18 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(self.checker.check(mint(SECRET, "web-*", 600).encode()).consoles, ("web-*",))
         self.assertEqual(self.checker.check(mint(SECRET, "*", 600).encode()).consoles, ())
 
+    def test_control_claim(self) -> None:
+        """C{ctl}: the control right; refused with C{ro}, or when not a boolean."""
+        access = self.checker.check(mint(SECRET, "vm1", 600, user="alice", control=True).encode())
+        self.assertTrue(access.may_control)
+        self.assertFalse(self.checker.check(mint(SECRET, "vm1", 600).encode()).may_control)
+        self.assertIn("ctl claim", self.refused(token({"console": "vm1", "ctl": 1, "exp": self.now + 600})))
+        self.assertIn(
+            "ro and ctl together",
+            self.refused(token({"console": "vm1", "ro": True, "ctl": True, "exp": self.now + 600})),
+        )
+        self.assertRaises(ValueError, mint, SECRET, "vm1", 60, read_only=True, control=True)
+
     def test_expired(self) -> None:
         expired = token({"sub": "bob", "console": "vm1", "exp": self.now - LEEWAY - 5})
         self.assertEqual(self.refused(expired), "signed link for bob has expired")
@@ -183,6 +195,9 @@ class LinkToolTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertTrue(out.startswith("https://console.example.com/h/host1/?token="), out)
         self.assertNotIn("ro", jwt.decode(out.strip().partition("token=")[2], SECRET, algorithms=["HS256"]))
+        status, out, _ = self.run_tool("--secret", secret, "--console", "vm1", "--ttl", "60", "--control")
+        self.assertEqual(status, 0)
+        self.assertIs(jwt.decode(out.strip().partition("token=")[2], SECRET, algorithms=["HS256"])["ctl"], True)
 
     def test_bad_inputs(self) -> None:
         secret = write_secret(self)
@@ -192,7 +207,7 @@ class LinkToolTests(SynchronousTestCase):
             good[:5] + ["0"], good[:5] + ["-5"], good[:5] + ["soon"], good[:5] + ["inf"],
             good[:3] + ["VM1"], good[:3] + ["vm1,vm2"], good[:3] + [""],
             good + ["--base", "ftp://x/"], good + ["--user", ""], good + ["--colour"],
-            good + ["--ttl", "5"], good + ["--user"],
+            good + ["--ttl", "5"], good + ["--user"], good + ["--read-only", "--control"],
         ):
             status, out, err = self.run_tool(*args)
             self.assertEqual(status, 1, args)

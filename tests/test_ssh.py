@@ -148,6 +148,52 @@ class AttachTests(SSHTestCase):
         self.assertEqual(await client.ended, 0)
 
 
+class ActionEscapeTests(SSHTestCase):
+    """The escapes k KEY (SysRq) and b (BREAK), behind the control right."""
+
+    async def test_sysrq_and_break(self) -> None:
+        """
+        With the C{control} option, ^Eck then t is QMP send-key (seen on the VMM's side)
+        and told to the session and the page; ^Ecb on a console that cannot carry a BREAK
+        says why. Without the right, ^Eck is refused, nothing reaches the VMM, and the
+        next key goes to the guest as typed.
+        """
+        from tests.test_actions_web import recording_qmp
+        from tests.test_sources import _short_tempdir
+
+        guest = self.guest()
+        commands: list[dict[str, Any]] = []
+        qmp = recording_qmp(self, os.path.join(_short_tempdir(self), "vm.qmp"), guest.path, commands)
+        bob = ssh_keygen(self.dir, "bob", comment="bob@laptop")
+        self.authorize(self.key_line(self.alice, "control"), self.key_line(bob))
+        server = await self.serve("--console", f"vm1=qmp:{qmp.path}")
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        alice = self.ssh("vm1", terminal=True)
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+        alice.type(b"\x05ck")
+        await alice.wait_output(b"SysRq: type the key")
+        alice.type(b"t")
+        await alice.wait_output(b"[-- alice@laptop sent SysRq t at ")
+        self.assertEqual([c["execute"] for c in commands], ["send-key"])
+        self.assertEqual(commands[0]["arguments"]["keys"][2], {"type": "qcode", "data": "t"})
+        await page.wait_for(lambda p: bool(p.events_of("action")))
+        self.assertEqual(page.events_of("action")[0]["action"], "SysRq t")
+        self.assertNotIn(b"t", bytes(guest.input))
+        alice.type(b"\x05cb")
+        await alice.wait_output(b"BREAK not sent: console source")
+        alice.type(b"\x05c?")
+        await alice.wait_output(b"k  then a key: Magic SysRq")
+
+        bobs = self.ssh("vm1", key=bob, terminal=True)
+        await server.log_line(lambda err: err.count(b"SSH session on console vm1") == 2)
+        bobs.type(b"\x05ck")
+        await bobs.wait_output(b"this key has no control right on this console")
+        bobs.type(b"q")
+        await guest.receives(lambda data: data.endswith(b"q"))
+        self.assertEqual(len(commands), 1)
+
+
 class CommandTests(SSHTestCase):
     """C{history} and C{status} as the SSH command; an unknown one."""
 

@@ -164,6 +164,20 @@ class AuthorizedKeysTests(Base):
         self.assertFalse(identity.may_open("mail"))
         self.assertEqual(identity.visible(["web-1", "db2", "db1", "mail", "web-"]), ["web-1", "db1", "web-"])
 
+    def test_control_option(self) -> None:
+        """The C{control} option: the control right on every console the line opens."""
+        identity = self.load(self.line(self.ed, 'consoles="web-*",control')).lookup(blob(self.ed), "192.0.2.1", T0)
+        self.assertEqual(identity.access_for("web-2"), Access("alice@laptop", False, ("web-2",), control=True))
+        self.assertIsNone(identity.access_for("db1"))
+        plain = self.load(self.line(self.ed, 'consoles="web-*"')).lookup(blob(self.ed), "192.0.2.1", T0)
+        access = plain.access_for("web-2")
+        assert access is not None
+        self.assertFalse(access.may_control)
+        keys_ = self.load(self.line(self.ed, "control,read-only"), self.line(self.ed, 'control="x"'))
+        self.assertEqual(len(keys_.refused), 2, keys_.refused)
+        self.assertIn("control and read-only together", keys_.refused[0])
+        self.assertIn("option control takes no value", keys_.refused[1])
+
     def test_star_opens_the_single_console(self) -> None:
         identity = self.load(self.line(self.ed, 'consoles="*"')).lookup(blob(self.ed), "192.0.2.1", T0)
         self.assertEqual(identity.access_for(None), Access("alice@laptop", False, ()))
@@ -457,17 +471,39 @@ class CertificateTests(Base):
 
     def test_principals(self) -> None:
         log = capture_log(self)
-        cert = certify(self.ca, self.user, "-n", "web-1,control:web-*,Web-2,read-only:,read-only:db*")
+        cert = certify(self.ca, self.user, "-n", "web-1,control:web-*,Web-2,read-only:,read-only:db*,control:X")
         identity = self.cas.verify(cert, "192.0.2.1", T0)
-        self.assertEqual((identity.consoles, identity.read_only_consoles), (("web-1",), ("db*",)))
+        self.assertEqual((identity.consoles, identity.read_only_consoles), (("web-1", "web-*"), ("db*",)))
+        self.assertEqual(identity.control_consoles, ("web-*",))
         logged = texts(log)
         self.assertEqual(len(logged), 3, logged)
-        self.assertEqual(logged[0], "certificate alice: principal 'control:web-*' ignored (control: is reserved)")
-        self.assertIn("certificate alice: principal 'Web-2' ignored: console pattern 'Web-2'", logged[1])
-        self.assertIn("certificate alice: principal 'read-only:' ignored: empty console pattern", logged[2])
+        self.assertIn("certificate alice: principal 'Web-2' ignored: console pattern 'Web-2'", logged[0])
+        self.assertIn("certificate alice: principal 'read-only:' ignored: empty console pattern", logged[1])
+        self.assertIn("certificate alice: principal 'control:X' ignored", logged[2])
+
+    def test_control_principal(self) -> None:
+        """C{control:PATTERN} opens those consoles read-write with the control right, and
+        only those; it never gives control on a read-only console."""
+        cert = certify(self.ca, self.user, "-n", "control:web-*,db1,read-only:log*")
+        identity = self.cas.verify(cert, "192.0.2.1", T0)
+        web = identity.access_for("web-3")
+        assert web is not None
+        self.assertTrue(web.may_control)
+        self.assertFalse(web.read_only)
+        db = identity.access_for("db1")
+        assert db is not None
+        self.assertFalse(db.may_control)
+        log = identity.access_for("log1")
+        assert log is not None
+        self.assertTrue(log.read_only)
+        self.assertFalse(log.may_control)
+        self.assertIsNone(identity.access_for(None))
+        every = self.cas.verify(certify(self.ca, self.user, "-n", "control:*"), "192.0.2.1", T0).access_for(None)
+        assert every is not None
+        self.assertTrue(every.may_control)
 
     def test_no_principal_names_a_console(self) -> None:
-        for principals in (["-n", "Web,control:web-1"], []):
+        for principals in (["-n", "Web,control:Web-1"], []):
             self.refused(certify(self.ca, self.user, *principals), "no principal names a console")
 
     def test_one_pattern_per_principal(self) -> None:

@@ -39,6 +39,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["title"], "/dev/pts/7")
         self.assertFalse(options["no-raw"])
         self.assertFalse(options["read-only"])
+        self.assertFalse(options["allow-control"])
         self.assertIsNone(options["log-file"])
 
     def test_every_option(self) -> None:
@@ -49,7 +50,7 @@ class OptionsTests(SynchronousTestCase):
             "--pty", "/dev/pts/7", "--port", "tcp:8080", "--port", "unix:/tmp/cc.sock",
             "--log-file", "/var/log/c.log", "--history-size", "1000", "--client-buffer", "4096",
             "--ack-window", "9999", "--static-dir", static_dir, "--title", "vm1", "--no-raw",
-            "--read-only",
+            "--read-only", "--allow-control",
         )
         self.assertEqual(options["port"], ["tcp:8080", "unix:/tmp/cc.sock"])
         self.assertEqual(
@@ -59,6 +60,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["log-file"], options["title"]), ("/var/log/c.log", "vm1"))
         self.assertTrue(options["no-raw"])
         self.assertTrue(options["read-only"])
+        self.assertTrue(options["allow-control"])
 
     def test_pty_required(self) -> None:
         """Without --pty: a usage error saying so."""

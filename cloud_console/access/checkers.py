@@ -50,7 +50,7 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(computed, expected)
 
 
-_FIELD_HELP = "read-only, read-write or consoles=PATTERNS"
+_FIELD_HELP = "read-only, read-write, control or consoles=PATTERNS"
 
 #: What a token's C{name=} may be: the identity logged and shown for it.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
@@ -58,12 +58,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
 
 def _options(fields: list[str], where: str, name: str, named: bool = False) -> Access:
     """
-    The fields after a password hash or a token: a role and a console list, each once;
+    The fields after a password hash or a token: a role, C{control} (the right to the
+    consoles' actions: SysRq, BREAK, reset, power button) and a console list, each once;
     with C{named} (token lines) also C{name=}, the identity that stands for C{name}.
     """
     read_only: bool | None = None
     consoles: tuple[str, ...] | None = None
     given_name: str | None = None
+    control = False
     for field in fields:
         key, sep, value = field.partition("=")
         if sep and key == "name" and named:
@@ -75,6 +77,10 @@ def _options(fields: list[str], where: str, name: str, named: bool = False) -> A
                     "starting with a letter or digit, and not 'anonymous')"
                 )
             given_name = value
+        elif not sep and field == "control":
+            if control:
+                raise CredentialFileError(f"{where}: control given twice")
+            control = True
         elif sep and key == "consoles":
             if consoles is not None:
                 raise CredentialFileError(f"{where}: consoles= given twice")
@@ -90,13 +96,15 @@ def _options(fields: list[str], where: str, name: str, named: bool = False) -> A
         else:
             expected = _FIELD_HELP + (" or name=NAME" if named else "")
             raise CredentialFileError(f"{where}: unknown field {field!r} (expected {expected})")
-    return Access(given_name or name, bool(read_only), consoles or ())
+    if control and read_only:
+        raise CredentialFileError(f"{where}: control and read-only together (read-only never controls)")
+    return Access(given_name or name, bool(read_only), consoles or (), control=control)
 
 
 def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
     """
-    Read C{user:hash[:read-only][:consoles=web-*,db1]} lines (the fields after the hash in
-    either order; C{#} comments and blank lines allowed), as user: (hash, access).
+    Read C{user:hash[:read-only][:control][:consoles=web-*,db1]} lines (the fields after
+    the hash in any order; C{#} comments and blank lines allowed), as user: (hash, access).
 
     @raise CredentialFileError: unreadable, a malformed line or field, or a plain-text
         password.
@@ -124,10 +132,10 @@ def load_password_file(path: str) -> dict[str, tuple[str, Access]]:
 
 def load_token_file(path: str) -> list[tuple[bytes, Access]]:
     """
-    Read C{TOKEN [read-only] [consoles=web-*,db1] [name=NAME]} lines (C{#} comments and
-    blank lines allowed), as (token, access); the access is named C{NAME}, or without a
-    name C{token #N} after its place (the identity the logs, the audit log and the who
-    lists show).
+    Read C{TOKEN [read-only] [control] [consoles=web-*,db1] [name=NAME]} lines (C{#}
+    comments and blank lines allowed), as (token, access); the access is named C{NAME},
+    or without a name C{token #N} after its place (the identity the logs, the audit log
+    and the who lists show).
 
     @raise CredentialFileError: unreadable, a token shorter than 16 characters, or a bad
         field.
@@ -146,7 +154,7 @@ def load_token_file(path: str) -> list[tuple[bytes, Access]]:
             raise CredentialFileError(f"{where}: a token must be at least 16 characters")
         if len(fields) > 4:
             raise CredentialFileError(
-                f"{where}: expected: token [read-only] [consoles=PATTERNS] [name=NAME]"
+                f"{where}: expected: token [read-only] [control] [consoles=PATTERNS] [name=NAME]"
             )
         access = _options(fields[1:], where, f"token #{len(tokens) + 1}", named=True)
         tokens.append((fields[0].encode("utf-8"), access))

@@ -91,12 +91,20 @@ def mint(
     read_only: bool = False,
     user: str | None = None,
     now: float | None = None,
+    control: bool = False,
 ) -> str:
-    """A link token for C{console} (a name or pattern) valid for C{ttl} seconds from C{now}."""
+    """
+    A link token for C{console} (a name or pattern) valid for C{ttl} seconds from C{now};
+    C{control} adds the C{ctl} claim (the console's actions).
+    """
+    if control and read_only:
+        raise ValueError("a read-only link cannot control")
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"console": console, "iat": issued, "exp": issued + max(1, round(ttl))}
     if read_only:
         claims["ro"] = True
+    if control:
+        claims["ctl"] = True
     if user is not None:
         claims["sub"] = user
     return jwt.encode(claims, secret, algorithm=ALGORITHMS[0])
@@ -183,7 +191,14 @@ class LinkChecker:
         read_only = claims.get("ro", False)
         if not isinstance(read_only, bool):
             raise LinkRefused(f"signed link for {who}: the ro claim is not true or false")
-        return Access(who, read_only, () if console == EVERY_CONSOLE else patterns, link=True)
+        control = claims.get("ctl", False)
+        if not isinstance(control, bool):
+            raise LinkRefused(f"signed link for {who}: the ctl claim is not true or false")
+        if control and read_only:
+            raise LinkRefused(f"signed link for {who}: ro and ctl together (read-only never controls)")
+        return Access(
+            who, read_only, () if console == EVERY_CONSOLE else patterns, link=True, control=control
+        )
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         try:
@@ -201,7 +216,7 @@ def looks_like_jwt(token: bytes) -> bool:
 
 USAGE = (
     "usage: cloud-console-link --secret FILE --console NAME|PATTERN --ttl SECONDS "
-    "[--read-only] [--user NAME] [--base URL]\n"
+    "[--read-only | --control] [--user NAME] [--base URL]\n"
     "  prints BASE c/NAME/?token=JWT (BASE ?token=JWT for a pattern such as '*');\n"
     f"  --base defaults to {DEFAULT_BASE}\n"
 )
@@ -212,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     values: dict[str, str] = {}
     read_only = False
+    control = False
 
     def bad(message: str) -> int:
         sys.stderr.write(f"cloud-console-link: {message}\n{USAGE}")
@@ -225,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arg == "--read-only":
             read_only = True
             continue
+        if arg == "--control":
+            control = True
+            continue
         name, sep, value = arg.partition("=")
         if name not in ("--secret", "--console", "--ttl", "--user", "--base"):
             return bad(f"unknown argument {arg!r}")
@@ -235,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in values:
             return bad(f"{name} given twice")
         values[name] = value
+    if read_only and control:
+        return bad("--read-only and --control together: a read-only link never controls")
     for required in ("--secret", "--console", "--ttl"):
         if required not in values:
             return bad(f"{required} is required")
@@ -262,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CredentialFileError as e:
         sys.stderr.write(f"cloud-console-link: {e}\n")
         return 2
-    token = mint(secret, console, ttl, read_only=read_only, user=user)
+    token = mint(secret, console, ttl, read_only=read_only, user=user, control=control)
     sys.stdout.write(link_url(base, console, token) + "\n")
     return 0
 

@@ -1,6 +1,6 @@
 """
-C{cloud-console-passwd FILE USER [--read-only] [--consoles PATTERNS]}: add or replace a
-user in a password file; C{--consoles web-*,db1} limits the user to the consoles whose
+C{cloud-console-passwd FILE USER [--read-only | --control] [--consoles PATTERNS]}: add or
+replace a user in a password file (C{--control}: the right to the consoles' actions); C{--consoles web-*,db1} limits the user to the consoles whose
 names match those fnmatch patterns (default: every console).
 
 The password is read from the terminal (twice), or from standard input when it is not a
@@ -18,18 +18,21 @@ from typing import Sequence
 from .checkers import hash_password, load_password_file
 from .policy import CredentialFileError, parse_console_patterns
 
-USAGE = "usage: cloud-console-passwd <password_file> <user> [--read-only] [--consoles PATTERNS]\n"
+USAGE = "usage: cloud-console-passwd <password_file> <user> [--read-only | --control] [--consoles PATTERNS]\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     rest = list(sys.argv[1:] if argv is None else argv)
     read_only = False
+    control = False
     consoles: tuple[str, ...] = ()
     args: list[str] = []
     while rest:
         arg = rest.pop(0)
         if arg == "--read-only":
             read_only = True
+        elif arg == "--control":
+            control = True
         elif arg == "--consoles" or arg.startswith("--consoles="):
             if arg == "--consoles":
                 if not rest:
@@ -45,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         else:
             args.append(arg)
-    if len(args) != 2 or ":" in args[1] or not args[1]:
+    if len(args) != 2 or ":" in args[1] or not args[1] or (read_only and control):
         sys.stderr.write(USAGE)
         return 1
     path, user = args
@@ -66,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("cloud-console-passwd: empty password refused\n")
         return 1
     entry = f"{user}:{hash_password(password)}" + (":read-only" if read_only else "")
+    entry += ":control" if control else ""
     if consoles:
         entry += ":consoles=" + ",".join(consoles)
     lines = []

@@ -42,17 +42,27 @@ def parse_console_patterns(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Access:
     """
-    Who logged in, whether they may type, and which consoles they may see.
+    Who logged in, whether they may type, whether they may control the VM, and which
+    consoles they may see.
 
     C{consoles} holds fnmatch patterns over console names; empty means every console.
     C{link} is set for a signed link (L{cloud_console.access.links}): C{name} is then its C{sub},
     and the gate answers 401, not 404, for a console the link is not for.
+    C{control} is the right to the console's actions (SysRq, BREAK, reset, power button;
+    L{cloud_console.console.actions}) on the consoles it may see; a read-only credential
+    never has it, whatever was asked (L{may_control}).
     """
 
     name: str
     read_only: bool
     consoles: tuple[str, ...] = ()
     link: bool = False
+    control: bool = False
+
+    @property
+    def may_control(self) -> bool:
+        """Whether this credential may use a console's actions (never when read-only)."""
+        return self.control and not self.read_only
 
     def may_see(self, console_name: str) -> bool:
         """Whether this credential may see the console of that name (at all)."""
@@ -61,12 +71,12 @@ class Access:
         return any(fnmatch.fnmatchcase(console_name, pattern) for pattern in self.consoles)
 
     @property
-    def scope(self) -> tuple[bool, tuple[str, ...]]:
+    def scope(self) -> tuple[bool, tuple[str, ...], bool]:
         """
         What the credential may do, without who it is: two credentials with equal scopes
         are served the same tree (the patterns sorted, duplicates and order ignored, and
-        any C{*} pattern meaning every console).
+        any C{*} pattern meaning every console): read-only, the patterns, and control.
         """
         if "*" in self.consoles:
-            return self.read_only, ()
-        return self.read_only, tuple(sorted(set(self.consoles)))
+            return self.read_only, (), self.may_control
+        return self.read_only, tuple(sorted(set(self.consoles))), self.may_control

@@ -55,8 +55,11 @@ CERT_SUFFIX = b"-cert-v01@openssh.com"
 _FOREVER = 2**64 - 1
 #: Read-only principal prefix: C{read-only:db*} opens the consoles C{db*} read-only.
 READ_ONLY_PRINCIPAL = "read-only:"
-#: Reserved principal prefix (console control, later); such principals are ignored for now.
+#: Control principal prefix: C{control:web-*} opens the consoles C{web-*} read-write with
+#: the right to their actions (SysRq, BREAK, reset, power button).
 CONTROL_PRINCIPAL = "control:"
+#: The C{authorized_keys} option that gives a key the control right on what it opens.
+CONTROL_OPTION = "control"
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -82,7 +85,10 @@ class SSHIdentity:
     Who an SSH key or certificate is, and which consoles it opens.
 
     C{consoles} and C{read_only_consoles} are fnmatch patterns over console names, opened
-    read-write and read-only; both empty means every console (as for L{Access}). C{expires}
+    read-write and read-only; both empty means every console (as for L{Access}). The
+    control right (L{Access.control}) is on the read-write consoles matching
+    C{control_consoles} (a certificate's C{control:} principals), or on every read-write
+    one with C{control} (an C{authorized_keys} line's option); never read-only. C{expires}
     is when it stops opening consoles (a certificate's C{valid_before}, an
     C{authorized_keys} line's C{expiry-time}), or C{None}. C{serial} and C{signer} (the
     CA's fingerprint) are set for certificates, for the log.
@@ -97,6 +103,16 @@ class SSHIdentity:
     expires: float | None
     serial: int | None = None
     signer: str | None = None
+    control: bool = False
+    control_consoles: tuple[str, ...] = ()
+
+    def _controls(self, console_name: str | None) -> bool:
+        """Whether the control right covers that console (if it opens it read-write)."""
+        if self.control:
+            return True
+        if console_name is None:
+            return "*" in self.control_consoles
+        return _matches(console_name, self.control_consoles)
 
     def _covers_all(self) -> bool | None:
         """Whether it opens every console read-write (C{True}), read-only (C{False}), or not."""
@@ -119,11 +135,13 @@ class SSHIdentity:
             every = self._covers_all()
             if every is None:
                 return None
-            return Access(self.name, self.read_only or not every, ())
+            read_only = self.read_only or not every
+            return Access(self.name, read_only, (), control=not read_only and self._controls(None))
+        control = not self.read_only and self._controls(console_name)
         if not self.consoles and not self.read_only_consoles:
-            return Access(self.name, self.read_only, (console_name,))
+            return Access(self.name, self.read_only, (console_name,), control=control)
         if _matches(console_name, self.consoles):
-            return Access(self.name, self.read_only, (console_name,))
+            return Access(self.name, self.read_only, (console_name,), control=control)
         if _matches(console_name, self.read_only_consoles):
             return Access(self.name, True, (console_name,))
         return None
@@ -408,6 +426,7 @@ def _parse_key_line(line: str, where: str) -> _KeyLine:
         options, rest = split_options(line)
     consoles: tuple[str, ...] = ()
     read_only = False
+    control = False
     values: dict[str, str] = {}
     for name, value in options:
         if name in REFUSED_OPTIONS:
@@ -418,10 +437,11 @@ def _parse_key_line(line: str, where: str) -> _KeyLine:
             if name in values:
                 raise ValueError(f"option {name} given twice")
             values[name] = value
-        elif name in IGNORED_OPTIONS or name == "read-only":
+        elif name in IGNORED_OPTIONS or name in ("read-only", CONTROL_OPTION):
             if value is not None:
                 raise ValueError(f"option {name} takes no value")
             read_only = read_only or name == "read-only"
+            control = control or name == CONTROL_OPTION
         else:
             raise ValueError(f"unknown option {name}")
     origins: AddressList | None = None
@@ -436,6 +456,8 @@ def _parse_key_line(line: str, where: str) -> _KeyLine:
                 expires = parse_expiry_time(value)
         except ValueError as e:
             raise ValueError(f"option {name}: {e}") from None
+    if control and read_only:
+        raise ValueError("options control and read-only together: read-only never controls")
     key, comment = _parse_public_key(rest)
     print_ = fingerprint(key)
     identity = SSHIdentity(
@@ -446,6 +468,7 @@ def _parse_key_line(line: str, where: str) -> _KeyLine:
         read_only=read_only,
         certificate=False,
         expires=expires,
+        control=control,
     )
     return _KeyLine(where, key.blob(), identity, origins, values.get("from", ""))
 
@@ -683,21 +706,16 @@ def principal_patterns(
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """
     A certificate's principals as (read-write, read-only) console patterns: each
-    principal is one pattern, or C{read-only:PATTERN}. Any other principal (not UTF-8, a
-    bad pattern, a list, or the reserved C{control:PATTERN}) is ignored and logged.
+    principal is one pattern, C{read-only:PATTERN}, or C{control:PATTERN} (read-write,
+    and also in L{control_patterns}). Any other principal (not UTF-8, a bad pattern, a
+    list) is ignored and logged.
     """
     read_write: list[str] = []
     read_only: list[str] = []
     for raw in principals:
         principal = raw.decode("utf-8", "replace")
-        if principal.startswith(CONTROL_PRINCIPAL):
-            _log.info(
-                "certificate {key_id}: principal {principal!r} ignored (control: is reserved)",
-                key_id=key_id, principal=principal,
-            )
-            continue
         target = read_only if principal.startswith(READ_ONLY_PRINCIPAL) else read_write
-        pattern = principal.removeprefix(READ_ONLY_PRINCIPAL)
+        pattern = principal.removeprefix(READ_ONLY_PRINCIPAL).removeprefix(CONTROL_PRINCIPAL)
         try:
             if "," in pattern:
                 raise ValueError("one pattern per principal")
@@ -708,6 +726,26 @@ def principal_patterns(
                 key_id=key_id, principal=principal, why=str(e),
             )
     return tuple(read_write), tuple(read_only)
+
+
+def control_patterns(principals: Iterable[bytes]) -> tuple[str, ...]:
+    """
+    The patterns of a certificate's valid C{control:PATTERN} principals: the consoles it
+    may control (L{principal_patterns} logs the bad ones and opens these read-write).
+    """
+    found: list[str] = []
+    for raw in principals:
+        principal = raw.decode("utf-8", "replace")
+        if not principal.startswith(CONTROL_PRINCIPAL):
+            continue
+        pattern = principal[len(CONTROL_PRINCIPAL) :]
+        try:
+            if "," in pattern:
+                continue
+            found.extend(parse_console_patterns(pattern))
+        except ValueError:
+            continue
+    return tuple(found)
 
 
 class UserCertificateAuthorities:
@@ -820,6 +858,7 @@ class UserCertificateAuthorities:
             expires=None if cert.valid_before == _FOREVER else float(cert.valid_before),
             serial=cert.serial,
             signer=signer,
+            control_consoles=control_patterns(cert.valid_principals),
         )
 
     @staticmethod

@@ -10,15 +10,16 @@ one console behaves the same alone or among a thousand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from .actions import ConsoleActions
 from .device import ConsoleOpenError
-from .follow import ConsoleFollower, DescriptorStore
+from .follow import ConsoleFollower, DescriptorStore, _run_here
 from .logfile import LogFileSink
 from .multiplexer import Multiplexer, iso_time
 from .sources import SourceError
@@ -53,6 +54,10 @@ class ConsoleStatus:
     reopens: int
     history_bytes: int
     head_bytes: int
+    #: What its source can do (SysRq, reset...): told only to a credential that may.
+    actions: tuple[str, ...] = ()
+    #: Actions tried, by (action, outcome: done, failed, refused).
+    action_counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The status as C{/api/consoles} and the SSH door's C{status} show it."""
@@ -93,6 +98,7 @@ class Console(MultiService):
         multiplexer: Multiplexer,
         follower: ConsoleFollower,
         log_sink: LogFileSink | None,
+        run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
     ) -> None:
         MultiService.__init__(self)
         #: The console's name (C{""} for the single console of the original command line).
@@ -107,6 +113,11 @@ class Console(MultiService):
         follower.setServiceParent(self)
         #: Web resources made for this console, by whoever serves it (cached per key).
         self.resources: dict[Any, Any] = {}
+        #: What an operator can do to the VM besides typing (SysRq, reset...).
+        self.actions = ConsoleActions(
+            self.name, lambda: self.spec.source, multiplexer, run_blocking or _run_here,
+            device=lambda: follower.device,
+        )
 
     def open_now(self) -> None:
         """
@@ -149,6 +160,8 @@ class Console(MultiService):
             reopens=multiplexer.reopen_count,
             history_bytes=len(history),
             head_bytes=history.head_end - history.head_start,
+            actions=self.actions.available,
+            action_counts=dict(self.actions.counts),
         )
 
     def apply(self, spec: ConsoleSpec) -> None:
@@ -227,7 +240,7 @@ def build_console(
         sink = LogFileSink(
             spec.log_file, multiplexer, mark_after=spec.log_timestamps * 60, clock=reactor
         )
-    return Console(spec, multiplexer, follower, sink)
+    return Console(spec, multiplexer, follower, sink, run_blocking)
 
 
 def _take_over(spec: ConsoleSpec, multiplexer: Multiplexer, saved: ConsoleState) -> None:

@@ -27,6 +27,8 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .telnet import BREAK, TelnetOutput, escape_input
+
 #: Bytes asked for per read(2). In raw mode the n_tty line discipline hands out at most
 #: about 4 KiB per call most of the time, so the size matters less than reading until
 #: EAGAIN; a larger buffer lets the occasional big read through in one call.
@@ -160,8 +162,24 @@ class ConsoleDevice(FileDescriptor):
         reactor: IReactorFDSet | None = None,
         read_budget: Callable[[], int] | None = None,
         turn_share: TurnShare | None = None,
+        telnet: bool = False,
     ) -> None:
+        """
+        @param telnet: the descriptor speaks telnet (QEMU's C{telnet=on} socket): its
+            opening negotiation is stripped from the output, input 0xFF doubled, and
+            L{send_break} works.
+        """
         FileDescriptor.__init__(self, reactor)
+        self._telnet = TelnetOutput() if telnet else None
+        if self._telnet is not None:
+            telnet_output = self._telnet.feed
+            plain = on_output
+
+            def on_output(data: bytes) -> None:
+                data = telnet_output(data)
+                if data:
+                    plain(data)
+
         self.fd = fd
         #: What the device is, for messages: "pty /dev/pts/7", "unix socket /run/vm.sock".
         self.name = name
@@ -256,6 +274,21 @@ class ConsoleDevice(FileDescriptor):
         return None
 
     @property
+    def can_break(self) -> bool:
+        """Whether this device can carry a serial BREAK (a telnet-mode socket)."""
+        return self._telnet is not None
+
+    def send_break(self) -> None:
+        """
+        Send a serial BREAK, in order with the input before it.
+
+        @raise ValueError: this device cannot carry one (a pty, a plain socket).
+        """
+        if self._telnet is None:
+            raise ValueError(f"{self.name} cannot carry a BREAK")
+        self._write_raw(BREAK)
+
+    @property
     def pending_input(self) -> int:
         """Bytes given to L{write} that the guest has not taken yet."""
         return self._pending_input
@@ -267,6 +300,14 @@ class ConsoleDevice(FileDescriptor):
         flooding beside it could make long), the rest queued and written as the guest
         reads (see L{pending_input}).
         """
+        if self.fd < 0 or not data:
+            return
+        if self._telnet is not None:
+            data = escape_input(data)
+        self._write_raw(data)
+
+    def _write_raw(self, data: bytes) -> None:
+        """Write bytes as they are (a telnet command, or input already escaped)."""
         if self.fd < 0 or not data:
             return
         if self._pending_input == 0:

@@ -53,6 +53,8 @@ class OpenedConsole:
     #: What was opened, for messages: "pty /dev/pts/7".
     name: str
     path: str
+    #: It speaks telnet (L{cloud_console.console.telnet}).
+    telnet: bool = False
 
 
 def open_source(source: Source, raw: bool) -> OpenedConsole:
@@ -66,7 +68,7 @@ def open_source(source: Source, raw: bool) -> OpenedConsole:
     if target.kind == "pty":
         fd, saved = open_tty(target.path, raw)
         return OpenedConsole(fd, saved, str(target), target.path)
-    return OpenedConsole(connect_unix(target.path), None, str(target), target.path)
+    return OpenedConsole(connect_unix(target.path), None, str(target), target.path, target.telnet)
 
 
 class DescriptorStore(Protocol):
@@ -252,6 +254,7 @@ class ConsoleFollower(Service):
             saved_attributes=saved,
             reactor=self.reactor,
             read_budget=multiplexer.read_budget,
+            telnet=opened.telnet,
         )
         self.device = device
         self._up_since = self.reactor.seconds()

@@ -122,6 +122,17 @@ class IConsoleClient(Interface):
         """Close the client; the Deferred fires once it is gone."""
 
 
+class IActionNotices(Interface):
+    """
+    A client that is told of the console's actions (SysRq, BREAK, reset, power button;
+    L{cloud_console.console.actions}): optional beside L{IConsoleClient}, so the log file
+    and other clients need nothing new.
+    """
+
+    def action_done(who: str, description: str, at: str) -> None:
+        """C{who} did C{description} (C{"SysRq t"}, C{"reset"}) at C{at} (ISO 8601, UTC)."""
+
+
 class ConsoleClosed(Exception):
     """The pty went away (the VM stopped)."""
 
@@ -587,6 +598,18 @@ class Multiplexer(Service):
         )
         if attachment.viewer:
             self._announce_viewers()
+
+    def announce_action(self, who: str, description: str) -> str:
+        """
+        Tell every attached client that can hear it (L{IActionNotices}) that C{who} did
+        C{description} now; return the time told (ISO 8601, UTC).
+        """
+        at = self._now()
+        for attachment in list(self._attachments):
+            client = attachment.client
+            if IActionNotices.providedBy(client):
+                client.action_done(who, description, at)
+        return at
 
     def _announce_viewers(self) -> None:
         count = self.viewer_count

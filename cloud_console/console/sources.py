@@ -14,6 +14,9 @@ Forms (L{ACCEPTED_FORMS}):
     or udev re-points is followed at each reopen.
   - C{unix:PATH}: a unix stream socket the VMM listens on (QEMU's socket chardev with
     C{server=on}, cloud-hypervisor's C{--serial socket=PATH}, Proxmox's C{serial0: socket}).
+  - C{telnet+unix:PATH}: the same, in telnet mode (QEMU's socket chardev with
+    C{telnet=on}): spoken to in telnet (L{cloud_console.console.telnet}), which is how a
+    serial BREAK reaches the guest.
   - C{cloud-hypervisor:API_SOCKET}: ask cloud-hypervisor's REST API (C{GET
     /api/v1/vm.info}) for the serial port's pty or socket.
   - C{qmp:QMP_SOCKET[:chardev=LABEL]}: ask QEMU over QMP (C{query-chardev}) for the
@@ -41,7 +44,7 @@ from typing import Any, Literal
 
 #: One line naming every accepted SOURCE form, for usage errors.
 ACCEPTED_FORMS = (
-    "pty:PATH (or a bare PATH), unix:PATH, cloud-hypervisor:API_SOCKET, "
+    "pty:PATH (or a bare PATH), unix:PATH, telnet+unix:PATH, cloud-hypervisor:API_SOCKET, "
     "qmp:QMP_SOCKET[:chardev=LABEL]"
 )
 
@@ -83,13 +86,15 @@ class Target:
 
     kind: Literal["pty", "unix"]
     path: str
+    #: A unix socket that speaks telnet (QEMU's C{telnet=on}).
+    telnet: bool = False
 
     def __str__(self) -> str:
         """
         Render for logs: C{pty /dev/pts/4}, C{unix socket /run/vm.sock}.
         """
         if self.kind == "unix":
-            return f"unix socket {self.path}"
+            return f"{'telnet ' if self.telnet else ''}unix socket {self.path}"
         return f"pty {self.path}"
 
 
@@ -166,6 +171,21 @@ class UnixSource(Source):
         The socket path as given; connecting (and its errors) is the opener's.
         """
         return Target("unix", self.path)
+
+
+@dataclass(frozen=True)
+class TelnetUnixSource(Source):
+    """
+    C{telnet+unix:PATH}: a unix stream socket the VMM speaks telnet on (QEMU's socket
+    chardev with C{server=on,telnet=on}); it can carry a serial BREAK.
+    """
+
+    text: str
+    path: str
+
+    def resolve(self, timeout: float = 2.0) -> Target:
+        """The socket path as given, in telnet mode; connecting is the opener's."""
+        return Target("unix", self.path, telnet=True)
 
 
 @dataclass(frozen=True)
@@ -337,6 +357,8 @@ def parse_source(text: str) -> Source:
         return PtySource(text, _nonempty(rest, text))
     if scheme == "unix":
         return UnixSource(text, _nonempty(rest, text))
+    if scheme == "telnet+unix":
+        return TelnetUnixSource(text, _nonempty(rest, text))
     if scheme == "cloud-hypervisor":
         return CloudHypervisorSource(text, _nonempty(rest, text))
     if scheme == "qmp":
@@ -438,11 +460,15 @@ class _QmpConversation:
         self._timeout = timeout
         self._buffer = b""
 
-    def execute(self, command: str) -> Any:
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """
-        Send one command and return its C{return} value, skipping events.
+        Send one command (with its C{arguments}, if any) and return its C{return}
+        value, skipping events.
         """
-        self._sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
         while True:
             message = self.read_message(f"answer to {command}")
             if "event" in message:

@@ -30,15 +30,19 @@ from twisted.conch.ssh.common import getNS
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..access.audit import NO_AUDIT, Audit, Trail
+from ..access.policy import Access
+from ..console.actions import ActionError, ActionRequest
 from ..console.console import Console
 from ..console.multiplexer import (
     CLOSE_CONSOLE_CLOSED,
     Attachment,
     Chunk,
     ClientLabel,
+    IActionNotices,
     IConsoleClient,
     skip_marker,
 )
@@ -149,7 +153,7 @@ class _SocketFlow:
         self.channel.detach()
 
 
-@implementer(IConsoleClient)
+@implementer(IConsoleClient, IActionNotices)
 class ConsoleChannel(SSHChannel):
     """One SSH session channel: a console viewer, or a command's output."""
 
@@ -170,6 +174,10 @@ class ConsoleChannel(SSHChannel):
         self._finished = False
         self._closed: Deferred[None] | None = None
         self._close_timer: IDelayedCall | None = None
+        #: The identity's access to the console attached (for the control right).
+        self.access: Access | None = None
+        #: The escape C{k} was typed: the next byte is the SysRq key.
+        self._sysrq_next = False
 
     # -- requests ------------------------------------------------------------------
 
@@ -257,6 +265,7 @@ class ConsoleChannel(SSHChannel):
         identity = login.identity
         access = identity.access_for(None if self.door.consoles.single else console.name)
         read_only = access is not None and access.read_only
+        self.access = access
         self.console = console
         label = ClientLabel("ssh", identity.name, login.address, self.door.clock.seconds())
         self.attachment = multiplexer.attach(
@@ -292,8 +301,17 @@ class ConsoleChannel(SSHChannel):
             return
         for item in self.reader.feed(data):
             if isinstance(item, Command):
+                if self._sysrq_next:
+                    self._sysrq_next = False
+                    self._line("SysRq cancelled")
                 self._escape(item.letter)
-            else:
+                continue
+            if self._sysrq_next and item:
+                # The escape k took the next byte as the SysRq key, not as input.
+                self._sysrq_next = False
+                self._act(ActionRequest("sysrq", chr(item[0])))
+                item = item[1:]
+            if item:
                 self._send(item)
 
     def _send(self, data: bytes) -> None:
@@ -321,6 +339,12 @@ class ConsoleChannel(SSHChannel):
                 self._line("replaying the history")
                 self.write(self.console.multiplexer.replay())
                 self._line("end of the history")
+        elif letter == "b":
+            self._act(ActionRequest("break"))
+        elif letter == "k":
+            if self._may_control():
+                self._sysrq_next = True
+                self._line("SysRq: type the key (h: the kernel's help, t: tasks, w: blocked tasks)")
         elif letter == "s":
             if self.window is None:
                 self._line("no window size known (ssh did not ask for a terminal; try ssh -t)")
@@ -330,6 +354,27 @@ class ConsoleChannel(SSHChannel):
         else:
             self._line(f"unknown escape {letter!r}; {prefix}? for help")
 
+    def _may_control(self) -> bool:
+        """Whether this session has the control right on its console; else say so."""
+        if self.access is not None and self.access.may_control:
+            return True
+        self._line("this key has no control right on this console (authorized_keys option control, or a control: principal)")
+        return False
+
+    def _act(self, request: ActionRequest) -> None:
+        """Do an action for this session's identity; a failure is told here, success to all."""
+        console = self.console
+        if console is None or not self._may_control():
+            return
+        d = console.actions.perform(request, self.user.login.identity.name, "ssh")
+
+        def failed(failure: Failure) -> None:
+            failure.trap(ActionError)
+            self._line(f"{request.describe()} not sent: {failure.getErrorMessage()}")
+
+        d.addCallbacks(lambda at: None, failed)
+        d.addErrback(lambda failure: _log.failure("action {action}", failure, action=request.describe()))
+
     def _help(self, prefix: str) -> None:
         lines = [
             f"escapes: {prefix} then",
@@ -338,6 +383,8 @@ class ConsoleChannel(SSHChannel):
             "  w  who is on this console",
             "  r  replay the history",
             "  s  set the guest's terminal size to this window (stty rows R cols C)",
+            "  b  send a serial BREAK (where the console can; needs the control right)",
+            "  k  then a key: Magic SysRq (k h: the kernel's help; needs the control right)",
             f"  {prefix} typed twice sends it to the guest",
         ]
         self.write(("\r\n" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
@@ -391,6 +438,10 @@ class ConsoleChannel(SSHChannel):
 
     def console_state(self, up: bool, reason: str, since: str) -> None:
         self._line(f"console {'up' if up else 'down'}: {reason} -- {since}")
+
+    def action_done(self, who: str, description: str, at: str) -> None:
+        """Someone used an action on this console: one line, as the page says it."""
+        self._line(f"{who} sent {description} at {at[11:19]}Z")
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         """

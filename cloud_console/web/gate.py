@@ -63,19 +63,21 @@ class ConsoleRealm:
     credential with that scope, so a thousand users with the same access cost one tree.
 
     C{build_tree} is called with an L{Access} named after the scope, not after whoever
-    came first (the tree is shared: it must depend only on C{read_only} and C{consoles}).
+    came first (the tree is shared: it must depend only on C{read_only}, C{consoles} and
+    C{control}; whoever acts is read from the request, L{access_of}).
     """
 
     def __init__(self, build_tree: Callable[[Access], resource.IResource]) -> None:
         self._build_tree = build_tree
-        self._trees: dict[tuple[bool, tuple[str, ...]], resource.IResource] = {}
+        self._trees: dict[tuple[bool, tuple[str, ...], bool], resource.IResource] = {}
 
     def tree(self, access: Access) -> resource.IResource:
         scope = access.scope
         if scope not in self._trees:
-            read_only, consoles = scope
-            label = ("read-only" if read_only else "read-write") + " on " + (",".join(consoles) or "*")
-            self._trees[scope] = self._build_tree(Access(label, read_only, consoles))
+            read_only, consoles, control = scope
+            label = ("read-only" if read_only else "read-write") + (", control" if control else "")
+            label += " on " + (",".join(consoles) or "*")
+            self._trees[scope] = self._build_tree(Access(label, read_only, consoles, control=control))
         return self._trees[scope]
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:

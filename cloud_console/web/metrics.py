@@ -228,6 +228,17 @@ class ConsoleCollector(Collector):
             for status in current:
                 family.add_metric([status.name], metric.read(status))
             yield family
+        actions = CounterMetricFamily(
+            PREFIX + "actions",
+            "Console actions (sysrq, break, reset, power-button) tried, by outcome: done, "
+            "failed (the VMM could not), refused (the source cannot).",
+            labels=["console", "action", "outcome"],
+        )
+        for status in current:
+            counts: dict[tuple[str, str], int] = getattr(status, "action_counts", {})
+            for (action, outcome), count in sorted(counts.items()):
+                actions.add_metric([status.name, action, outcome], count)
+        yield actions
         refused = CounterMetricFamily(
             PREFIX + "refused_upgrades",
             "WebSocket upgrades refused, by reason (origin, auth, limit).",

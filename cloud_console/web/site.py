@@ -25,6 +25,8 @@ from ..console.console import Console, ConsoleStatus
 from ..console.export import asciicast, plain_text
 from ..console.multiplexer import Multiplexer
 from ..fleet.registry import ConsoleRegistry
+from ..console.actions import ConsoleActions
+from .actions import ActionsPage
 from .gate import AuthGate, access_of, build_gate
 from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
 from .dialects import who_is_on
@@ -288,6 +290,8 @@ def build_site(
     token_file: str | None = None,
     run_in_thread: Any = None,
     link_secret: str | None = None,
+    actions: ConsoleActions | None = None,
+    allow_control: bool = False,
 ) -> tuple[ConsoleSite, ConsoleServerFactory]:
     """
     The console's web site.
@@ -298,18 +302,27 @@ def build_site(
     @param token_file: require (or also accept) bearer tokens from this file.
     @param link_secret: require (or also accept) links signed with the key in this file
         (their C{console} claim must be C{*}: this console has no name).
+    @param actions: the console's actions, served at C{/actions/} to a credential with
+        the control right (or to anyone with C{allow_control} and no credentials).
     @return: the site and the (read-write) WebSocket factory behind C{/ws}.
     @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     factory = ConsoleServerFactory(multiplexer, settings)
+
+    def with_actions(tree: resource.Resource, control: bool) -> resource.Resource:
+        if actions is not None:
+            tree.putChild(b"actions", ActionsPage(actions, control, settings.origins))
+        return tree
+
     if not (password_file or token_file or link_secret):
-        return ConsoleSite(build_tree(multiplexer, factory, static_dir), timeout=HTTP_IDLE_TIMEOUT), factory
+        tree = with_actions(build_tree(multiplexer, factory, static_dir), allow_control)
+        return ConsoleSite(tree, timeout=HTTP_IDLE_TIMEOUT), factory
 
     def tree_for(access: Access) -> resource.IResource:
         chosen = factory
         if access.read_only:
             chosen = ConsoleServerFactory(multiplexer, settings, read_only=True)
-        return build_tree(multiplexer, chosen, static_dir)
+        return with_actions(build_tree(multiplexer, chosen, static_dir), access.may_control)
 
     refusals = settings.refusals
     gate = build_gate(
@@ -357,7 +370,8 @@ class ConsoleList(resource.Resource):
     """
     C{GET /api/consoles}: the consoles this credential may see, as JSON; with
     C{watchers} (the identities on each, oldest first; anonymous viewers only counted)
-    where a credential asks.
+    where a credential asks, and each console's C{actions} when the credential may use
+    them (the C{control} right).
     """
 
     isLeaf = True
@@ -366,10 +380,12 @@ class ConsoleList(resource.Resource):
         self,
         statuses: Callable[[], list[ConsoleStatus]],
         watchers: Callable[[str], list[str]] | None = None,
+        control: bool = False,
     ) -> None:
         resource.Resource.__init__(self)
         self.statuses = statuses
         self.watchers = watchers
+        self.control = control
 
     def render_GET(self, request: Request) -> bytes:
         statuses = self.statuses()
@@ -377,6 +393,9 @@ class ConsoleList(resource.Resource):
         if self.watchers is not None:
             for body, status in zip(consoles, statuses):
                 body["watchers"] = self.watchers(status.name)
+        if self.control:
+            for entry, status in zip(consoles, statuses):
+                entry["actions"] = list(status.actions)
         return _json(request, {"consoles": consoles, "totals": _totals(statuses)})
 
 
@@ -429,14 +448,18 @@ class Health(resource.Resource):
         return _json(request, body, 200 if totals["down"] == 0 else 503)
 
 
-#: Who is asking when nobody needs to ask: no authentication, or the metrics port.
+#: Who is asking when nobody needs to ask: no authentication, or the metrics port
+#: (with the consoles' actions, where --allow-control offers them to anyone).
 EVERYONE = Access("anyone", read_only=False)
+EVERYONE_WITH_CONTROL = Access("anyone", read_only=False, control=True)
 
 
 class ConsolePages(resource.Resource):
     """C{/c/NAME/...}: console NAME's page, WebSocket and history, if this access may see it."""
 
-    def __init__(self, registry: ConsoleRegistry, access: Access, tree_for: Callable[[Console, bool], resource.IResource]) -> None:
+    def __init__(
+        self, registry: ConsoleRegistry, access: Access, tree_for: Callable[[Console, bool, bool], resource.IResource]
+    ) -> None:
         resource.Resource.__init__(self)
         self.registry = registry
         self.access = access
@@ -452,7 +475,7 @@ class ConsolePages(resource.Resource):
             # 404 either way: the names of consoles a credential may not see are not told.
             not_found: resource.IResource = pages.notFound()
             return not_found
-        return self.tree_for(console, self.access.read_only)
+        return self.tree_for(console, self.access.read_only, self.access.may_control)
 
 
 class FleetResources:
@@ -473,17 +496,31 @@ class FleetResources:
         self.refusals = settings.refusals or RefusalCounts()
         #: The front doors' sessions and failures, for the full C{/metrics} (set by the wiring).
         self.fronts: Callable[[], FrontCounts] | None = None
+        #: Whether a server without credentials offers the consoles' actions to anyone
+        #: (C{--allow-control}).
+        self.allow_control = False
 
-    def console_tree(self, console: Console, read_only: bool) -> resource.IResource:
-        """Console C{console}'s page, C{ws} and C{history} (made once per console and mode)."""
-        key = ("tree", read_only)
+    def anonymous(self) -> Access:
+        """Who anyone is on a server without credentials."""
+        return EVERYONE_WITH_CONTROL if self.allow_control else EVERYONE
+
+    def console_tree(self, console: Console, read_only: bool, control: bool = False) -> resource.IResource:
+        """
+        Console C{console}'s page, C{ws}, C{history} and C{actions} (made once per console
+        and mode; the factory is shared by the modes that differ only in control).
+        """
+        key = ("tree", read_only, control)
         tree = console.resources.get(key)
         if tree is None:
-            factory = ConsoleServerFactory(
-                console.multiplexer, self.settings, read_only=read_only,
-                title=lambda: console.spec.title, console_name=console.name,
-            )
+            factory_key = ("factory", read_only)
+            factory = console.resources.get(factory_key)
+            if factory is None:
+                factory = console.resources[factory_key] = ConsoleServerFactory(
+                    console.multiplexer, self.settings, read_only=read_only,
+                    title=lambda: console.spec.title, console_name=console.name,
+                )
             tree = console.resources[key] = build_tree(console.multiplexer, factory, self.where)
+            tree.putChild(b"actions", ActionsPage(console.actions, control and not read_only, self.settings.origins))
         return tree
 
     def watchers(self, name: str) -> list[str]:
@@ -508,8 +545,8 @@ class FleetResources:
         root.putChild(b"c", ConsolePages(self.registry, access, self.console_tree))
         api = resource.Resource()
         # Who is on is told to a credential only (not to everyone, without authentication).
-        watchers = self.watchers if access is not EVERYONE else None
-        api.putChild(b"consoles", ConsoleList(self.statuses_for(access), watchers))
+        watchers = self.watchers if access not in (EVERYONE, EVERYONE_WITH_CONTROL) else None
+        api.putChild(b"consoles", ConsoleList(self.statuses_for(access), watchers, access.may_control))
         root.putChild(b"api", api)
         registry = metrics_registry(self.statuses_for(access), self.refusals, process=False)
         root.putChild(b"metrics", MetricsPage(lambda request: registry))
@@ -560,7 +597,7 @@ def build_fleet_site(
     @raise cloud_console.access.policy.CredentialFileError: a credential file is unusable.
     """
     if not (password_file or token_file or link_secret):
-        rest = fleet.root_for(EVERYONE)
+        rest = fleet.root_for(fleet.anonymous())
         root = _PublicHealth(Health(fleet.registry), rest)
         return ConsoleSite(root, timeout=HTTP_IDLE_TIMEOUT)
     gate: AuthGate = build_gate(

@@ -29,6 +29,7 @@ from ..console.multiplexer import (
     Attachment,
     Chunk,
     ClientLabel,
+    IActionNotices,
     IConsoleClient,
     Multiplexer,
 )
@@ -93,7 +94,7 @@ class _TransportFlow:
         self.protocol.detach()
 
 
-@implementer(IConsoleClient)
+@implementer(IConsoleClient, IActionNotices)
 class ConsoleServerProtocol(WebSocketServerProtocol):
     """
     One browser (or any WebSocket client) attached to the console: the handshake
@@ -265,6 +266,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
 
     def console_state(self, up: bool, reason: str, since: str) -> None:
         self.dialect.console_state(up, reason, since)
+
+    def action_done(self, who: str, description: str, at: str) -> None:
+        """Someone used an action on this console: v1 pages are told (C{action} message)."""
+        if isinstance(self.dialect, V1Dialect):
+            self.dialect.event("action", who=who, action=description, at=at)
 
     def close(self, code: int, reason: str) -> Deferred[None]:
         """Send a close frame with C{code} and C{reason}; fires once the peer is gone."""

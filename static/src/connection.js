@@ -123,6 +123,7 @@ export class ConsoleConnection {
           ? { watchers: message.watchers, anonymous: message.anonymous ?? 0 } : null);
         break;
       case 'times': this.onTimes(message); break;
+      case 'action': this.listener.action?.(message); break;
       case 'closed':
         this.closedReason = bareReason(message.reason);
         this.emitState('closed');

@@ -6,6 +6,7 @@ import { StatusBar } from './statusbar.js';
 import { createTerminal, fontReady, terminalSink } from './terminal.js';
 import { formatBytes } from './protocol.js';
 import { SearchBox } from './search.js';
+import { KeyBar, KeysMenu } from './keys.js';
 import { LineTimes, localStamp, parseMoment, shortStamp, utcStamp } from './times.js';
 
 const EXTENSIONS = { raw: 'log', asciicast: 'cast', text: 'txt' };
@@ -44,6 +45,7 @@ async function main() {
   const status = new StatusBar(document);
   let clients = null;
   let search = null;
+  let lastAction = null;
   const container = document.getElementById('terminal');
   const term = createTerminal(container, (cols, rows) => status.setSize(cols, rows), {
     search: () => search?.open(),
@@ -73,6 +75,13 @@ async function main() {
       }
     },
     // bytes: the total refused on this connection so far.
+    // Someone used an action (SysRq, reset...): "alice sent SysRq t at 02:13:05".
+    action: ({ who, action, at }) => {
+      const when = new Date(at);
+      const time = Number.isNaN(when.getTime()) ? at : when.toLocaleTimeString('en-GB', { hour12: false });
+      lastAction = `${who} sent ${action} at ${time}`;
+      status.setNotice(lastAction);
+    },
     inputDiscarded: ({ bytes, reason }) => status.setNotice(
       `input not sent (${reason})${bytes === null ? '' : `: ${formatBytes(bytes)}`}`,
     ),
@@ -82,7 +91,13 @@ async function main() {
     if (connection.readOnly) status.setNotice('read-only: input is not sent');
     else if (!connection.send(bytes)) status.setNotice('not connected: input dropped');
   };
-  term.onData((data) => send(encoder.encode(data)));
+  const keyBar = new KeyBar(document, term, (data) => send(encoder.encode(data)));
+  term.onData((data) => send(encoder.encode(keyBar.apply(data))));
+  const keys = new KeysMenu(document, status, {
+    confirm: (text) => window.confirm(text),
+    prompt: (text) => window.prompt(text),
+  });
+  keys.load();
   term.onBinary((data) => send(Uint8Array.from(data, (c) => c.charCodeAt(0) & 0xff)));
 
   status.onStty(() => {
@@ -116,6 +131,10 @@ async function main() {
       readOnly: connection.readOnly,
       session: connection.session,
       search: { open: search.isOpen, ...search.results, text: search.count.textContent },
+      actions: keys.actions,
+      lastOutcome: keys.lastOutcome ?? null,
+      lastAction,
+      ctrl: keyBar.ctrl,
     }),
     // Buffer line -> arrival time (seconds since the epoch), or null.
     lineTime: (line) => lineTimes.timeOf(line),
