@@ -684,3 +684,67 @@ class UnitTests(TestCase):
             )
 
     test_analyze_verify.timeout = 30  # type: ignore[attr-defined]
+
+
+#: The guest's shell prints a numbered line every 20 ms, for ever (busybox's sleep takes
+#: fractions of a second).
+TICKING = b"i=0; while true; do echo tick:$i; i=$((i+1)); sleep 0.02; done\r"
+TICK = re.compile(rb"tick:(\d+)\r\n")
+
+
+class QemuRestartTests(SystemdCase):
+    """
+    A real QEMU guest (qmp: source, a pty) printing without pause while the daemon
+    restarts: QEMU drops what its guest writes while nobody holds the pty, so only a
+    descriptor kept in the store (here by the stand-in PID 1) keeps those lines.
+    """
+
+    timeout = 240
+
+    async def restart_while_ticking(self, keep: bool) -> list[int]:
+        """The tick numbers a page saw, through a SIGTERM and a start again."""
+        from twisted.trial.unittest import SkipTest
+
+        from tests.guest import PROMPT, GuestUnavailable, QemuGuest
+
+        try:
+            guest = QemuGuest("chardev-pty").start()
+        except (GuestUnavailable, FileNotFoundError) as e:
+            raise SkipTest(f"no QEMU guest here: {e} (tests/run.sh installs it)")
+        self.addCleanup(guest.close)
+        manager = None
+        if keep:
+            manager = ServiceManager(self.sockets / "notify")
+            self.addCleanup(manager.close)
+        command = self.command(self.write_config({"vm1": f"qmp:{guest.qmp_path}"}))
+        first = await self.activate(command, manager=manager)
+        page = await connect_v1(first.port, "/c/vm1/ws")
+        guest.cont()
+        await page.wait_for(lambda p: PROMPT in bytes(p.stream))
+        page.type(TICKING)
+        await page.wait_text("tick:50\r\n")
+        await self.stop(first)
+        await page.closed
+        second = await self.activate(command, manager=manager, listener=first.listener)
+        (hello,) = page.events_of("hello")
+        resumed = await connect_v1(
+            second.port, f"/c/vm1/ws?session={hello['session']}&from={page.next_offset}"
+        )
+        self.addCleanup(lambda: None if resumed.close_status else resumed.transport.abortConnection())
+        last = max(int(n) for n in TICK.findall(bytes(page.stream)))
+        # Well past what the guest printed while the daemon was down (a start takes
+        # longer than a tick), then the whole run is read.
+        await resumed.wait_for(lambda r: any(int(n) > last + 200 for n in TICK.findall(bytes(r.stream))))
+        await self.stop(second)
+        seen = TICK.findall(bytes(page.stream)) + TICK.findall(bytes(resumed.stream))
+        return [int(n) for n in seen]
+
+    async def test_store_keeps_what_the_guest_printed_while_down(self) -> None:
+        ticks = await self.restart_while_ticking(keep=True)
+        self.assertEqual(ticks, list(range(ticks[0], ticks[-1] + 1)))
+
+    async def test_without_the_store_qemu_drops_it(self) -> None:
+        """The control: without the store the numbers printed while down are gone."""
+        ticks = await self.restart_while_ticking(keep=False)
+        missing = sorted(set(range(ticks[0], ticks[-1] + 1)) - set(ticks))
+        self.assertGreater(len(missing), 0)
