@@ -199,28 +199,6 @@ class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
         self.assertEqual(len(output), 1)
         self.assertEqual(output[0], payload[:written])
 
-    def test_bursts_outlive_the_shared_buffer(self) -> None:
-        """
-        Every console reads into one shared buffer: what a burst handed on is its own
-        bytes, unchanged when the next console's burst (and its own next one) is read
-        into the same buffer, each console's bytes whole and in order.
-        """
-        first, first_master, first_output, _ = self.make_device()
-        second, second_master, second_output, _ = self.make_device()
-        one = bytes(range(256)) * 24
-        two = bytes(reversed(range(256))) * 24
-        os.write(first_master, one[:3000])
-        first.doRead()
-        os.write(second_master, two)
-        second.doRead()
-        os.write(first_master, one[3000:])
-        first.doRead()
-        for chunk in first_output + second_output:
-            self.assertIs(type(chunk), bytes)
-        self.assertEqual(first_output[0], one[:3000])
-        self.assertEqual(b"".join(first_output), one)
-        self.assertEqual(b"".join(second_output), two)
-
     def test_read_per_turn_bounded(self) -> None:
         """A flood is read at most READ_PER_TURN bytes per call (plus one read)."""
         device, master, output, lost = self.make_device()

@@ -45,15 +45,6 @@ READ_PER_TURN = 256 * 1024
 #: from 3.8 ms at 256 KiB to 2.2 ms at 16 KiB) and in big ones, for throughput, alone.
 READ_PER_TURN_SHARED = 16 * 1024
 
-#: Where every console's burst is read, before one copy of it is handed on: the reactor
-#: runs one doRead at a time and the burst is copied out before doRead returns, so one
-#: buffer serves them all. Reading into it with readv(2) spares a bytes object per read
-#: (os.read allocates the size asked, 16-64 KiB, and shrinks it to the 4 KiB a pty gives:
-#: malloc, realloc and, under a storm, the heap grown and trimmed by brk(2)) and the join
-#: of a burst's pieces.
-_BURST_BUFFER = bytearray(READ_PER_TURN)
-_BURST_VIEW = memoryview(_BURST_BUFFER)
-
 #: Seconds a console counts as active after it last read something.
 ACTIVE_WINDOW = 0.1
 
@@ -243,8 +234,7 @@ class ConsoleDevice(FileDescriptor):
         """
         Read until the console has nothing more (or its share of the turn, see
         L{TurnShare}), then hand the whole burst on at once: one wake-up, one chunk, one
-        frame per client. The burst is read into the shared L{_BURST_BUFFER} and copied
-        out once, so a read costs no allocation.
+        frame per client.
         """
         share = self._turn_share
         limit = share.budget(self)
@@ -253,32 +243,34 @@ class ConsoleDevice(FileDescriptor):
             if limit <= 0:
                 self.stopReading()
                 return None
-        view = _BURST_VIEW
-        limit = min(limit, len(view))
+        pieces: list[bytes] = []
         total = 0
         fd = self.fd
         while total < limit:
             try:
-                got = os.readv(fd, (view[total : total + min(READ_SIZE, limit - total)],))
+                data = os.read(fd, min(READ_SIZE, limit - total))
             except BlockingIOError:
                 break
             except InterruptedError:
                 continue
             except OSError as e:
-                if total:
-                    self._on_output(view[:total].tobytes())
                 if e.errno == errno.EIO:
                     # The other side hung up: an ordinary end of the console.
+                    if pieces:
+                        self._on_output(b"".join(pieces))
                     return main.CONNECTION_DONE
+                if pieces:
+                    self._on_output(b"".join(pieces))
                 return main.CONNECTION_LOST
-            if not got:
-                if total:
-                    self._on_output(view[:total].tobytes())
+            if not data:
+                if pieces:
+                    self._on_output(b"".join(pieces))
                 return main.CONNECTION_DONE
-            total += got
-        if total:
+            pieces.append(data)
+            total += len(data)
+        if pieces:
             share.read(self)
-            self._on_output(view[:total].tobytes())
+            self._on_output(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         return None
 
     @property
