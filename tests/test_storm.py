@@ -1,7 +1,7 @@
 """
 A host's boot storm in one process, driven by hand: 100 real ptys print at once, each
-read by its L{ConsoleDevice} (all of them through the one shared read buffer) into its
-multiplexer, its log file and a recording client.
+read by its L{ConsoleDevice} into its multiplexer, its log file and a recording client,
+the consoles sharing one L{TurnShare} as they share the reactor.
 
 No reactor runs and no time passes: the test writes what each pty takes, then gives every
 console one read (a reactor turn), until every byte is through; so the checks are exact,
