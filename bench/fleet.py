@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from procs import BENCH, HOST, BenchError, Channel, free_port, wait_listening
+from procs import BENCH, HOST, BenchError, Channel, free_port, quit_guest, wait_listening
 from scenarios import MiB, Context, _tag, percentile
 
 KiB = 1 << 10
@@ -217,12 +217,7 @@ def host(ctx: Context, opts: FleetOptions) -> dict:
             server.stop()
         return out
     finally:
-        try:
-            guest.send(op="quit")
-        except OSError:
-            pass
-        ctx.registry.stop(guest.proc)
-        guest.sock.close()
+        quit_guest(ctx.registry, guest)
 
 
 def _singles(ctx: Context, paths: list[str], opts: FleetOptions) -> dict:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 import threading
 import time
 import tty
@@ -180,6 +181,35 @@ class Control:
         return channel
 
 
+if TYPE_CHECKING:
+    from scenarios import Context
+
+
+def quit_guest(registry: Registry, guest: Channel) -> None:
+    """Ask a guest process to quit, stop it whatever it says, close its channel."""
+    try:
+        guest.send(op="quit")
+    except OSError:
+        pass
+    if guest.proc is not None:
+        registry.stop(guest.proc)
+    guest.sock.close()
+
+
+def run_in_server_python(ctx: "Context", script: str) -> dict:
+    """
+    Run a bench script (a path) with the server's python and package (it imports
+    cloud_console, which the bench's own venv lacks); its JSON on stdout is the result.
+    """
+    env = dict(os.environ, PYTHONPATH=ctx.pythonpath)
+    done = subprocess.run([ctx.python, script], capture_output=True, text=True, env=env,
+                          timeout=max(ctx.timeout, 600))
+    if done.returncode:
+        raise OSError(f"{os.path.basename(script)} failed: {done.stderr.strip()[-500:]}")
+    result: dict = json.loads(done.stdout)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -298,13 +328,7 @@ class Session:
     def close(self) -> int | None:
         status = self.registry.stop(self.proc)
         if self.guest is not None:
-            try:
-                self.guest.send(op="quit")
-            except OSError:
-                pass
-            if self.guest.proc is not None:
-                self.registry.stop(self.guest.proc)
-            self.guest.sock.close()
+            quit_guest(self.registry, self.guest)
         for fd in (self.master, self.slave):
             if fd >= 0:
                 os.close(fd)

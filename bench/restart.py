@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from fleet import _api, _env, _fleet_guest, _log_tail, _name, write_config
-from procs import HOST, BenchError, free_port
+from procs import HOST, BenchError, free_port, quit_guest
 from scenarios import Context
 
 #: Between fork and exec, as PID 1 does: the stored descriptors moved to 3.., the
@@ -174,12 +174,7 @@ def restart(ctx: Context, opts: RestartOptions) -> dict:
         ctx.registry.stop(proc)
         return out
     finally:
-        try:
-            guest.send(op="quit")
-        except OSError:
-            pass
-        ctx.registry.stop(guest.proc)
-        guest.sock.close()
+        quit_guest(ctx.registry, guest)
         manager.close()
 
 

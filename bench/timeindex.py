@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -123,12 +122,9 @@ def cpu(size: int = 64 * MiB, runs: int = 5) -> dict:
 
 def measure(ctx) -> dict:
     """The scenario, for bench/run.py: this file run by the server's python, JSON back."""
-    env = dict(os.environ, PYTHONPATH=ctx.pythonpath)
-    done = subprocess.run([ctx.python, os.path.abspath(__file__)], capture_output=True,
-                          text=True, env=env, timeout=max(ctx.timeout, 600))
-    if done.returncode:
-        raise OSError(f"bench/timeindex.py failed: {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout)
+    from procs import run_in_server_python  # the bench's side only (procs needs psutil)
+
+    return run_in_server_python(ctx, os.path.abspath(__file__))
 
 
 def main() -> None:
