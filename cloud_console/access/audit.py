@@ -37,6 +37,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ..console.logfile import write_all
 from ..console.multiplexer import ClientLabel
 
 #: Seconds of typing coalesced into one C{input} event per attachment.
@@ -198,16 +199,10 @@ class AuditLog:
         if self._fd < 0:
             self.dropped += 1
             return
-        view = memoryview(line)
-        while view:
-            try:
-                written = os.write(self._fd, view)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                self._failed(e.strerror or str(e))
-                return
-            view = view[written:]
+        _written, error = write_all(self._fd, line)
+        if error is not None:
+            self._failed(error.strerror or str(error))
+            return
         self.written += 1
         if self._failing:
             self._failing = False

@@ -28,6 +28,23 @@ from zope.interface import implementer
 from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer, iso_time
 
 
+
+def write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """
+    Write all of C{data} to C{fd} (a blocking file: short writes go on, EINTR is
+    retried); the bytes written, and the error that stopped it, if one did.
+    """
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, view[done:])
+        except InterruptedError:
+            continue
+        except OSError as e:
+            return done, e
+    return done, None
+
 class LogFileError(Exception):
     """The log file cannot be opened: a message an operator can act on."""
 
@@ -174,26 +191,20 @@ class LogFileSink(Service):
         """Write all of C{data}; C{False} (logged once) if the file refused it."""
         if self._fd < 0:
             return False
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(self._fd, view)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                self.bytes_lost += len(view)
-                self._lost_while_failing += len(view)
-                if not self._failing:
-                    self._failing = True
-                    self._log.error(
-                        "cannot write log file {path}: {error}; output is not being "
-                        "logged until a write succeeds (bytes stay in the history)",
-                        path=self.path,
-                        error=e.strerror,
-                    )
-                return False
-            self.bytes_written += written
-            view = view[written:]
+        written, error = write_all(self._fd, data)
+        self.bytes_written += written
+        if error is not None:
+            self.bytes_lost += len(data) - written
+            self._lost_while_failing += len(data) - written
+            if not self._failing:
+                self._failing = True
+                self._log.error(
+                    "cannot write log file {path}: {error}; output is not being "
+                    "logged until a write succeeds (bytes stay in the history)",
+                    path=self.path,
+                    error=error.strerror,
+                )
+            return False
         if self._failing:
             self._failing = False
             self._log.info(
