@@ -28,7 +28,6 @@ from zope.interface import implementer
 from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer, iso_time
 
 
-
 def write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
     """
     Write all of C{data} to C{fd} (a blocking file: short writes go on, EINTR is
