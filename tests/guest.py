@@ -39,6 +39,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -54,6 +55,11 @@ from typing import Any, Literal
 
 #: Printed by the guest's /init just before it starts the shell.
 BANNER = b"cloud-console test guest: init ready"
+
+#: A kernel log line as the serial console prints it (``[    2.073674] tsc: ...``). The
+#: kernel writes these whenever it likes, even between a command's echo and its output
+#: (the TSC's refined calibration lands a second or two after boot, later under load).
+KERNEL_LINE = re.compile(rb"\[ *[0-9]+\.[0-9]+\] [^\r\n]*\r?\n")
 #: The guest shell's prompt (PS1), distinctive so it cannot match boot messages.
 PROMPT = b"guest# "
 #: Seconds allowed from cont() to the shell prompt. Under TCG a boot of Debian's cloud
@@ -338,11 +344,12 @@ class Console:
     def run(self, command: str, timeout: float = 30.0) -> bytes:
         """
         Type a shell command and return its output (the lines between the echoed command
-        and the next prompt), CR/LF as the guest's tty sent them.
+        and the next prompt), CR/LF as the guest's tty sent them, without the kernel log
+        lines the console interleaved (they are the kernel's, not the command's).
         """
         self.write(command.encode() + b"\n")
         self.expect(command.encode() + b"\r\n", timeout)
-        return self.expect(PROMPT, timeout)[: -len(PROMPT)]
+        return KERNEL_LINE.sub(b"", self.expect(PROMPT, timeout)[: -len(PROMPT)])
 
     def close(self) -> None:
         """Close our end (idempotent)."""
