@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .readers import ReadWorkers
 from .telnet import BREAK, TelnetOutput, escape_input
 
 #: Bytes asked for per read(2). In raw mode the n_tty line discipline hands out at most
@@ -83,6 +84,10 @@ class TurnShare:
 
 #: The process's consoles share the reactor, so by default they share one account of it.
 TURN_SHARE = TurnShare()
+
+#: Who reads a device: this process (through the reactor), a read worker, or a worker
+#: that was asked to give it back and has not answered yet.
+_HERE, _WORKER, _RETURNING = "here", "worker", "returning"
 
 
 class ConsoleOpenError(Exception):
@@ -156,18 +161,24 @@ class ConsoleDevice(FileDescriptor):
         self,
         fd: int,
         name: str,
-        on_output: Callable[[bytes], None],
+        on_output: Callable[..., None],
         on_lost: Callable[[str], None],
         saved_attributes: list[Any] | None = None,
         reactor: IReactorFDSet | None = None,
         read_budget: Callable[[], int] | None = None,
         turn_share: TurnShare | None = None,
         telnet: bool = False,
+        workers: ReadWorkers | None = None,
+        log_descriptor: Callable[[], int | None] = lambda: None,
     ) -> None:
         """
         @param telnet: the descriptor speaks telnet (QEMU's C{telnet=on} socket): its
             opening negotiation is stripped from the output, input 0xFF doubled, and
             L{send_break} works.
+        @param workers: read workers that may read this device while nobody watches it
+            (see L{set_watched}); not for a telnet device, whose output is parsed here.
+        @param log_descriptor: the console's log file, if a worker may write it (then
+            C{on_output} is called with C{logged=True} for what the worker logged).
         """
         FileDescriptor.__init__(self, reactor)
         self._telnet = TelnetOutput() if telnet else None
@@ -190,6 +201,11 @@ class ConsoleDevice(FileDescriptor):
         self._read_budget = read_budget
         self._pending_input = 0
         self._turn_share = turn_share or TURN_SHARE
+        self._workers = workers if not telnet else None
+        self.log_descriptor = log_descriptor
+        self._reader = _HERE
+        self._wants_reading = False
+        self._watched = True
         self.connected = 1
 
     @classmethod
@@ -229,6 +245,76 @@ class ConsoleDevice(FileDescriptor):
         self.stopReading()
         self.stopWriting()
         self.connectionLost(Failure(error.ConnectionDone("closed by cloud-console")))
+
+    # -- who reads: this process or a read worker -------------------------------------
+
+    def set_watched(self, watched: bool) -> None:
+        """
+        Whether anyone watches the console now. Unwatched, a read worker (if there are
+        any) reads it; watched, this process does, so a viewer's echo and pacing take no
+        detour. The hand-over is ordered (see L{cloud_console.console.readers}).
+        """
+        self._watched = watched
+        if self._workers is None:
+            return
+        if watched and self._reader == _WORKER:
+            self._reader = _RETURNING
+            self._workers.release(self)
+        elif not watched and self._reader == _HERE and self._wants_reading and self.fd >= 0:
+            FileDescriptor.stopReading(self)
+            self.startReading()
+
+    @property
+    def read_by_worker(self) -> bool:
+        """Whether a read worker holds the reading (or is giving it back)."""
+        return self._reader != _HERE
+
+    def startReading(self) -> None:
+        self._wants_reading = True
+        if self._reader != _HERE:
+            return  # a worker reads it, or is giving it back: see remote_released
+        workers = self._workers
+        if workers is not None and not self._watched and self.fd >= 0 and workers.adopt(self):
+            self._reader = _WORKER
+            return
+        FileDescriptor.startReading(self)
+
+    def stopReading(self) -> None:
+        self._wants_reading = False
+        if self._reader == _WORKER and self._workers is not None:
+            self._reader = _RETURNING
+            self._workers.release(self)
+        FileDescriptor.stopReading(self)
+
+    def remote_output(self, data: bytes, logged: bool) -> None:
+        """A read worker read C{data} from this console (and logged it: C{logged})."""
+        if self.fd >= 0:
+            if logged:
+                self._on_output(data, logged=True)
+            else:
+                self._on_output(data)
+
+    def log_changed(self) -> None:
+        """The log file was reopened, or its marks turned on or off: tell the worker."""
+        if self._reader == _WORKER and self._workers is not None:
+            self._workers.adopt(self)
+
+    def remote_released(self) -> None:
+        """The worker gave the reading back: read here from now on, if still wanted."""
+        self._reader = _HERE
+        if self._wants_reading and self.fd >= 0:
+            self.startReading()
+
+    def remote_end(self, code: int) -> None:
+        """The worker saw the console hang up (0) or fail (an errno)."""
+        self._reader = _HERE
+        if self.fd < 0:
+            return
+        if code == 0:
+            reason = Failure(error.ConnectionDone("hung up"))
+        else:
+            reason = Failure(error.ConnectionLost(os.strerror(code)))
+        self.connectionLost(reason)
 
     def doRead(self) -> Any:
         """
@@ -327,6 +413,10 @@ class ConsoleDevice(FileDescriptor):
 
     def connectionLost(self, reason: Failure) -> None:
         """Restore the terminal, close the descriptor, and report why the console ended."""
+        if self._reader != _HERE and self._workers is not None:
+            # What the worker read of it is the guest's too: take it before closing.
+            self._workers.release_now(self)
+            self._reader = _HERE
         FileDescriptor.connectionLost(self, reason)
         fd, self.fd = self.fd, -1
         if fd >= 0:

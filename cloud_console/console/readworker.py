@@ -1,0 +1,313 @@
+"""
+A read worker: a small process that reads a share of the consoles nobody is watching and
+hands their bytes to the main process in batches.
+
+Why: one process reading a host's consoles spends most of its time in read(2) on ptys and
+in the reactor's dispatch of each one, on one core. During a boot storm that made an
+operator's echo on a quiet console wait for turns of a thousand consoles. A worker reads
+the unwatched consoles on another core, in a loop with no reactor, writes their log files,
+and sends one message per turn carrying every console's bytes; the main process then handles a few messages per
+turn instead of a thousand descriptors, and reads the watched consoles itself as before.
+
+The worker holds nothing but bytes in flight: the main process keeps every descriptor, the
+history, the log and the clients; a worker that dies loses at most what it had read and
+not yet sent (L{READ_SIZE} per console and one message), and the main process starts
+another. It dies with the main process (C{PR_SET_PDEATHSIG}), so that after a crash the
+guests' output waits in the kernel for the next process, not in a worker.
+
+The wire, one C{SOCK_SEQPACKET} socket pair per worker (so messages keep their bounds):
+  - main to worker, one command per message: C{ADOPT id} with the console's descriptor
+    and, if the worker is to write the console's log, the log file's (C{SCM_RIGHTS});
+    C{RELEASE id};
+  - worker to main, a message of records C{(id, kind, length)}, each followed by
+    C{length} bytes of output for C{DATA} (not logged) and C{LOGGED} (already in the log
+    file): C{END} (the console hung up (C{length} 0) or failed (C{length} is the errno);
+    the worker has let go of it), and C{RELEASED} (the answer to C{RELEASE}: every byte
+    read from that console was sent before it).
+
+Run as C{python -m cloud_console.console.readworker FD PARENT_PID}, FD being the
+worker's end of the socket pair. It imports nothing of Twisted, to stay small.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+#: A record's header: console id, kind, length (for END: the errno).
+RECORD = struct.Struct("<IBI")
+#: A command's header: operation, console id.
+COMMAND = struct.Struct("<BI")
+
+DATA, END, RELEASED, LOGGED = 0, 1, 2, 3
+ADOPT, RELEASE = 1, 2
+
+#: Bytes asked for per read: one read per console per turn (a pty in raw mode hands out
+#: at most about 4 KiB a call, a socket more), so that every console gets its turn soon
+#: and a record always fits in a message.
+READ_SIZE = 16 * 1024
+#: A read this large means the pty had more than it hands out at once: no lingering.
+FULL_READ = 4000
+#: Seconds a turn that read only small pieces waits before the next (see L{Worker.linger}):
+#: the history's time index keeps one mark per 100 ms anyway.
+LINGER = 0.1
+
+#: Largest message sent to the main process (it reads into a buffer this size); a whole
+#: read always fits.
+MAX_MESSAGE = READ_SIZE + 4096
+#: Most records in a message: the main process handles one message per reactor turn, and
+#: this many records take it about half a millisecond, so a watched console's echo never
+#: waits long behind the output of the consoles nobody watches.
+RECORDS_PER_MESSAGE = 64
+#: The socket buffer asked for, so that a few full messages can be in flight.
+SOCKET_BUFFER = 4 * MAX_MESSAGE
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    """Write C{data} to a log file; how much was written before an error stopped it."""
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, view[done:])
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    return done
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when the main process exits (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker still ends when its socket closes
+
+
+class Worker:
+    """The loop: read what is ready, batch it, send it; obey the main process."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        channel.setblocking(False)
+        self.poll = select.epoll()
+        #: While a message could not be sent, only the channel is watched (the consoles
+        #: wait in the kernel: the main process sets the pace).
+        self.blocked_poll = select.epoll()
+        self.poll.register(channel.fileno(), select.EPOLLIN)
+        self.blocked_poll.register(channel.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        #: While lingering, only the main process's commands are taken.
+        self.command_poll = select.epoll()
+        self.command_poll.register(channel.fileno(), select.EPOLLIN)
+        #: Whether a read this turn filled what a pty hands out at once (more is waiting).
+        self.busy = False
+        self.consoles: dict[int, int] = {}  # descriptor -> console id
+        self.descriptors: dict[int, int] = {}  # console id -> descriptor
+        self.logs: dict[int, int] = {}  # console id -> its log file, if the worker logs it
+        self.records: list[bytes] = []
+        self.size = 0
+        self.count = 0
+        self.unsent: list[bytes] = []
+        self.running = True
+
+    def run(self) -> None:
+        channel_fd = self.channel.fileno()
+        while self.running:
+            poll = self.blocked_poll if self.unsent else self.poll
+            try:
+                events = poll.poll()
+            except InterruptedError:
+                continue
+            self.busy = False
+            read = False
+            for fd, _ in events:
+                if fd == channel_fd:
+                    self.commands()
+                    if not self.running:
+                        return
+                elif fd in self.consoles:
+                    self.read(fd)
+                    read = True
+            self.flush()
+            if read and not self.busy and not self.unsent:
+                self.linger()
+
+    def linger(self) -> None:
+        """
+        Let the consoles' output gather for L{LINGER} seconds before the next turn
+        (taking commands meanwhile): a guest printing a line at a time is then read,
+        logged and sent a few lines per call instead of one, which is most of the cost
+        of a host's consoles printing at once. Nobody watches these consoles, so the
+        wait is seen only as a log line written a little later; a console that fills a
+        read ends the lingering (see L{busy}).
+        """
+        deadline = time.monotonic() + LINGER
+        while self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                if self.command_poll.poll(left):
+                    self.commands()
+                    self.flush()  # a RELEASE is answered now, not after the lingering
+            except InterruptedError:
+                continue
+
+    # -- the main process's commands -----------------------------------------------------
+
+    def commands(self) -> None:
+        """Take every command waiting (and send what was held back, if it can go now)."""
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.channel, COMMAND.size, 4)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                message, fds = b"", []
+            if not message:
+                self.running = False  # the main process is gone
+                return
+            operation, console = COMMAND.unpack_from(message)
+            if operation == ADOPT and fds:
+                for extra in fds[2:]:
+                    os.close(extra)
+                self.adopt(console, fds[0], fds[1] if len(fds) > 1 else None)
+            elif operation == RELEASE:
+                self.release(console)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def adopt(self, console: int, fd: int, log: int | None) -> None:
+        """Read C{fd} as C{console} (again: with new descriptors), logging to C{log}."""
+        old = self.descriptors.get(console)
+        if old is not None:
+            self.forget(old)
+        if log is not None:
+            self.logs[console] = log
+        self.descriptors[console] = fd
+        self.consoles[fd] = console
+        self.poll.register(fd, select.EPOLLIN)
+
+    def release(self, console: int) -> None:
+        fd = self.descriptors.get(console)
+        if fd is not None:
+            self.forget(fd)
+        self.record(console, RELEASED, b"")
+
+    def forget(self, fd: int) -> None:
+        console = self.consoles.pop(fd)
+        del self.descriptors[console]
+        log = self.logs.pop(console, None)
+        if log is not None:
+            os.close(log)
+        try:
+            self.poll.unregister(fd)
+        except OSError:
+            pass
+        os.close(fd)
+
+    # -- the consoles --------------------------------------------------------------------
+
+    def read(self, fd: int) -> None:
+        """
+        Read what one console holds (one read: epoll reports it again next turn if there
+        is more), log it, and record it for the main process.
+        """
+        console = self.consoles[fd]
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.end(fd, console, 0 if e.errno == errno.EIO else (e.errno or errno.EIO))
+            return
+        if not data:
+            self.end(fd, console, 0)
+            return
+        if len(data) >= FULL_READ:
+            self.busy = True
+        log = self.logs.get(console)
+        if log is None:
+            self.record(console, DATA, data)
+            return
+        done = _write_all(log, data)
+        if done == len(data):
+            self.record(console, LOGGED, data)
+            return
+        # The log refused it (a full disk): the main process logs the rest, or says why not.
+        if done:
+            self.record(console, LOGGED, data[:done])
+        self.record(console, DATA, data[done:])
+
+    def end(self, fd: int, console: int, code: int) -> None:
+        self.forget(fd)
+        self.record(console, END, b"", code)
+
+    def record(self, console: int, kind: int, data: bytes, length: int | None = None) -> None:
+        """One record (C{length}: the data's, or the errno of an C{END})."""
+        size = RECORD.size + len(data)
+        if self.size + size > MAX_MESSAGE or self.count == RECORDS_PER_MESSAGE:
+            self.seal()
+        self.records.append(RECORD.pack(console, kind, len(data) if length is None else length))
+        if data:
+            self.records.append(data)
+        self.size += size
+        self.count += 1
+
+    def seal(self) -> None:
+        """The records so far make one message, to be sent in order."""
+        if self.records:
+            self.unsent.append(b"".join(self.records))
+            self.records = []
+            self.size = 0
+            self.count = 0
+
+    def flush(self) -> None:
+        """Send the messages made this turn, in order, until the socket is full."""
+        self.seal()
+        while self.unsent:
+            try:
+                self.channel.send(self.unsent[0])
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError:
+                self.running = False  # the main process is gone
+                return
+            del self.unsent[0]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m cloud_console.console.readworker FD PARENT_PID", file=sys.stderr)
+        return 1
+    _die_with_parent()
+    if os.getppid() != int(argv[2]):
+        return 0  # the main process died before the kernel could be told to end this one
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the main process's
+    channel = socket.socket(fileno=int(argv[1]))
+    try:
+        channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    except OSError:
+        pass
+    Worker(channel).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

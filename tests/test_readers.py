@@ -1,0 +1,284 @@
+"""
+Read workers: a console nobody watches is read (and logged) by a worker process, a
+watched one by the main process, and every byte arrives once, in order, across the
+hand-overs, a hang-up, a close and a worker's death. Real ptys, real worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import tty
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from cloud_console.console.device import ConsoleDevice
+from cloud_console.console.readers import ReadWorkers
+from cloud_console.console.readworker import RECORDS_PER_MESSAGE
+
+from .helpers import Guest, capture_log
+
+
+class Output:
+    """What a device handed on: every byte, and which of it the worker logged."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.logged = bytearray()
+        self.lost: list[str] = []
+        self._waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+
+    def received(self, data: bytes, logged: bool = False) -> None:
+        self.data += data
+        if logged:
+            self.logged += data
+        self._check()
+
+    def ended(self, why: str) -> None:
+        self.lost.append(why)
+        self._check()
+
+    def _check(self) -> None:
+        for waiter in list(self._waiters):
+            if waiter[0]():
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    def until(self, condition: Callable[[], bool]) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if condition():
+            d.callback(None)
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def holds(self, size: int) -> defer.Deferred[None]:
+        return self.until(lambda: len(self.data) >= size)
+
+
+def payload(label: bytes, size: int) -> bytes:
+    """Numbered lines, so a lost, doubled or reordered piece shows."""
+    lines = b"".join(b"%s %08d\r\n" % (label, i) for i in range(size // 16 + 1))
+    return lines[:size]
+
+
+class ReadWorkerTests(TestCase):
+    """One worker process, real ptys, the trial reactor."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.workers = ReadWorkers(1, reactor)
+        self.workers.startService()
+        self.addCleanup(self._stop_workers)
+        self.guest = Guest()
+        self.addCleanup(self.guest.close)
+        self.output = Output()
+        self.log_path = Path(tempfile.mkdtemp()) / "console.log"
+        self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.addCleanup(os.close, self.log_fd)
+        # The device reads its own descriptor of the slave, as a console would.
+        fd = _open_raw(self.guest.path)
+        self.device = ConsoleDevice(
+            fd,
+            "pty test",
+            self.output.received,
+            self.output.ended,
+            reactor=reactor,
+            workers=self.workers,
+            log_descriptor=lambda: self.log_fd,
+        )
+        self.addCleanup(self.device.close)
+
+    def _stop_workers(self) -> defer.Deferred[None]:
+        processes = [w.process for w in self.workers.workers]
+        self.workers.stopService()
+        return defer.DeferredList([_exited(p) for p in processes]).addCallback(lambda _: None)
+
+    def start_unwatched(self) -> None:
+        self.device.set_watched(False)
+        self.device.startReading()
+        self.assertTrue(self.device.read_by_worker)
+
+    async def test_unwatched_read_and_logged_by_worker(self) -> None:
+        """Unwatched: the worker reads and logs; the bytes arrive once, marked logged."""
+        self.start_unwatched()
+        data = payload(b"worker", 200_000)
+        await self.guest.write(data)
+        await self.output.holds(len(data))
+        self.assertEqual(bytes(self.output.data), data)
+        self.assertEqual(bytes(self.output.logged), data)
+        self.assertEqual(self.log_path.read_bytes(), data)
+        self.assertEqual(list(self.workers.owner.values()), self.workers.workers)
+
+    async def test_watched_read_here(self) -> None:
+        """Watched from the start: no worker is involved, nothing is logged by one."""
+        self.device.set_watched(True)
+        self.device.startReading()
+        self.assertFalse(self.device.read_by_worker)
+        await self.guest.write(b"typed and echoed\r\n")
+        await self.output.holds(18)
+        self.assertEqual(bytes(self.output.logged), b"")
+        self.assertEqual(self.workers.owner, {})
+
+    async def test_hand_overs_keep_every_byte_in_order(self) -> None:
+        """A viewer comes and goes while the guest writes: each byte once, in order."""
+        self.start_unwatched()
+        pieces = [payload(b"piece%d" % i, 30_000) for i in range(6)]
+        expected = b""
+        for i, piece in enumerate(pieces):
+            writing = self.guest.write(piece)
+            self.device.set_watched(i % 2 == 0)
+            await writing
+            expected += piece
+            await self.output.holds(len(expected))
+        self.assertEqual(bytes(self.output.data), expected)
+        # What the worker logged went to the log file, and only that.
+        self.assertEqual(self.log_path.read_bytes(), bytes(self.output.logged))
+
+    async def test_release_then_read_here(self) -> None:
+        """Watched again: once the worker answers, this process reads the console."""
+        self.start_unwatched()
+        await self.guest.write(b"before\r\n")
+        await self.output.holds(8)
+        self.device.set_watched(True)
+        await _until(lambda: not self.device.read_by_worker)
+        self.assertEqual(self.workers.owner, {})
+        await self.guest.write(b"after\r\n")
+        await self.output.holds(15)
+        self.assertEqual(bytes(self.output.data), b"before\r\nafter\r\n")
+        self.assertEqual(bytes(self.output.logged), b"before\r\n")
+
+    async def test_hang_up_seen_by_worker(self) -> None:
+        """The guest's side closes: the worker says so and the console ends as usual."""
+        self.start_unwatched()
+        await self.guest.write(b"last words\r\n")
+        await self.output.holds(12)
+        os.close(self.guest.master)
+        self.guest.open = False
+        await self.output.until(lambda: bool(self.output.lost))
+        self.assertEqual(self.output.lost, ["pty test hung up"])
+        self.assertEqual(self.device.fd, -1)
+        self.assertEqual(self.workers.owner, {})
+
+    async def test_close_takes_what_the_worker_read(self) -> None:
+        """Closing an unwatched console first takes every byte its worker read."""
+        self.start_unwatched()
+        data = payload(b"closing", 60_000)
+        await self.guest.write(data)
+        self.device.close()
+        # Whatever was not read yet is still in the pty; what was read arrived.
+        os.set_blocking(self.guest.slave, False)
+        left = b""
+        while True:
+            try:
+                left += os.read(self.guest.slave, 65536)
+            except BlockingIOError:
+                break
+        self.assertEqual(bytes(self.output.data) + left, data)
+        self.assertEqual(self.output.lost, [])
+
+    async def test_worker_death(self) -> None:
+        """A worker killed: its console is read elsewhere, another worker starts."""
+        events = capture_log(self)
+        self.start_unwatched()
+        await self.guest.write(b"first\r\n")
+        await self.output.holds(7)
+        dead = self.workers.workers[0]
+        os.kill(dead.process.pid, signal.SIGKILL)
+        await _exited(dead.process)
+        self.assertFalse(self.device.read_by_worker)
+        await self.guest.write(b"second\r\n")
+        await self.output.holds(15)
+        self.assertEqual(bytes(self.output.data), b"first\r\nsecond\r\n")
+        self.assertTrue(
+            any("ended" in e.get("log_format", "") and e.get("number") == 0 for e in events)
+        )
+        # Another worker starts in its place and takes the console when it is unwatched.
+        await _until(
+            lambda: self.workers.workers[0] is not dead and not self.workers.workers[0].ended
+        )
+        self.device.set_watched(True)
+        self.device.set_watched(False)
+        await _until(lambda: self.device.read_by_worker)
+        await self.guest.write(b"third\r\n")
+        await self.output.holds(22)
+        self.assertEqual(bytes(self.output.data), b"first\r\nsecond\r\nthird\r\n")
+
+    async def test_many_consoles_small_messages(self) -> None:
+        """
+        Output of more consoles than a message holds records arrives whole: messages
+        are cut at RECORDS_PER_MESSAGE records (one per reactor turn on this side).
+        """
+        self.start_unwatched()
+        count = RECORDS_PER_MESSAGE + 20
+        guests = []
+        outputs = []
+        for _ in range(count):
+            guest = Guest()
+            self.addCleanup(guest.close)
+            output = Output()
+            fd = _open_raw(guest.path)
+            device = ConsoleDevice(
+                fd, "pty", output.received, output.ended, reactor=reactor, workers=self.workers
+            )
+            self.addCleanup(device.close)
+            device.set_watched(False)
+            device.startReading()
+            guests.append(guest)
+            outputs.append(output)
+        for i, guest in enumerate(guests):
+            await guest.write(b"console %d\r\n" % i)
+        for i, output in enumerate(outputs):
+            line = b"console %d\r\n" % i
+            await output.holds(len(line))
+            self.assertEqual(bytes(output.data), line)
+            # No log file given: the main process logs these.
+            self.assertEqual(bytes(output.logged), b"")
+
+
+class WorkerCommandLineTests(SynchronousTestCase):
+    def test_usage(self) -> None:
+        """Run by hand without its arguments: a usage line and status 1."""
+        done = subprocess.run(
+            [sys.executable, "-m", "cloud_console.console.readworker"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=30,
+        )
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("usage:", done.stderr)
+
+
+def _open_raw(path: str) -> int:
+    """The slave, opened as cloud-console opens a console: non-blocking, raw."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(fd)
+    return fd
+
+
+def _exited(process: object) -> defer.Deferred[None]:
+    """Fires once the worker process has exited (its protocol saw processEnded)."""
+    return _until(lambda: getattr(process, "pid", None) is None)
+
+
+def _until(condition: Callable[[], bool]) -> defer.Deferred[None]:
+    """Fires once C{condition} holds, checked at every reactor turn (never a sleep)."""
+    d: defer.Deferred[None] = defer.Deferred()
+
+    def check() -> None:
+        if condition():
+            d.callback(None)
+        else:
+            reactor.callLater(0, check)  # type: ignore[attr-defined]
+
+    check()
+    return d
