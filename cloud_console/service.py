@@ -27,6 +27,7 @@ from .console.console import Console, ConsoleLimits, build_console, console_stat
 from .console.device import ConsoleOpenError
 from .console.logfile import LogFileError, LogFileSink
 from .console.multiplexer import ClientLabel, Multiplexer
+from .console.readers import ReadWorkers
 from .console.sources import SourceError
 from .console.spec import ConsoleSpec
 from .console.state import ConsoleState
@@ -396,12 +397,13 @@ def _build_fleet(
     limits = ConsoleLimits(options["max-stall"])
     run_blocking = _thread_runner(reactor)
     states = saved if saved is not None else {}
+    workers = _read_workers(options, reactor)
 
     action_observers: list[ActionObserver] = []
 
     def build(spec: ConsoleSpec) -> Console:
         console = build_console(
-            spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None)
+            spec, reactor, limits, run_blocking, store, states.pop(spec.name or "", None), workers
         )
         console.actions.observers = action_observers  # shared: the audit log joins below
         if keeper is not None and keeper.journal is not None:
@@ -419,6 +421,9 @@ def _build_fleet(
     service = ConsoleService(reactor)
     service.consoles = lambda: list(registry)
     service.registry = registry
+    if workers is not None:
+        # Before the consoles: running when they start reading, and stopped after them.
+        workers.setServiceParent(service)
     registry.setServiceParent(service)
     service._log.info(
         "serving {count} consoles ({up} up)",
@@ -473,6 +478,17 @@ def _build_fleet(
         strports.service(options["metrics-port"], metrics_site, reactor=reactor).setServiceParent(service)
     _listen(service, options, site, reactor)
     return service
+
+
+def _read_workers(options: Any, reactor: Any) -> ReadWorkers | None:
+    """
+    The read workers of C{--read-workers} (C{auto}: one per core beyond the first, for
+    many consoles), or C{None} for none.
+    """
+    count = options["read-workers"]
+    if count == "auto":
+        count = max(0, (os.cpu_count() or 1) - 1)
+    return ReadWorkers(count, reactor) if count else None
 
 
 class OneConsole:

@@ -51,6 +51,20 @@ def _seconds(name: str, zero_allowed: bool = False) -> Any:
     return _number(name, float, "seconds", zero_allowed)
 
 
+#: Most read workers a process starts (more than the cores only adds switching).
+MAX_READ_WORKERS = 64
+
+
+def _read_workers(value: str) -> int | str:
+    """C{--read-workers}: C{auto} or a whole number from 0 to L{MAX_READ_WORKERS}."""
+    if value == "auto":
+        return value
+    count = _number("read-workers", int, "processes (a whole number) or auto", True)(value)
+    if count > MAX_READ_WORKERS:
+        raise usage.UsageError(f"--read-workers must be at most {MAX_READ_WORKERS}, not {value}")
+    return int(count)
+
+
 class Options(usage.Options):
     """Everything an operator can set; checked here so mistakes are usage errors."""
 
@@ -156,6 +170,15 @@ class Options(usage.Options):
             "Seconds the guest's output waits for a viewer that stopped making progress "
             "(then it no longer waits for that viewer); 0 never waits.",
             _seconds("max-stall", zero_allowed=True),
+        ],
+        [
+            "read-workers",
+            None,
+            "auto",
+            "Processes that read the consoles nobody watches, on the host's other cores "
+            "(a watched console is read by the main process); 0 reads all in one process; "
+            "auto: one per core beyond the first when serving many consoles, else 0.",
+            _read_workers,
         ],
         ["static-dir", None, None, "Serve the page from this directory instead of the packaged build."],
         ["title", None, None, "The page's title (default: the console source)."],

@@ -195,12 +195,16 @@ class FakePty:
         self.pending_input = 0
         self.reading = False
         self.closed = False
+        self.watched = False
 
     def write(self, data: bytes) -> None:
         self.written += data
 
     def startReading(self) -> None:
         self.reading = True
+
+    def set_watched(self, watched: bool) -> None:
+        self.watched = watched
 
     def close(self) -> None:
         self.closed = True

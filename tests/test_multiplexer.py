@@ -123,6 +123,7 @@ class FakePty:
         self.pending_input = 0
         self.reading = 0
         self.closed = 0
+        self.watched = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -134,6 +135,9 @@ class FakePty:
 
     def startReading(self) -> None:
         self.reading += 1
+
+    def set_watched(self, watched: bool) -> None:
+        self.watched = watched
 
     def close(self) -> None:
         self.closed += 1

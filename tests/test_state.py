@@ -30,6 +30,8 @@ from cloud_console.console.state import (
     replay_journal,
 )
 
+from .helpers import FakePty
+
 
 def feed(history: History, randomness: random.Random, count: int, clock: list[float]) -> None:
     for _ in range(count):
@@ -143,7 +145,7 @@ class TakeOverTests(SynchronousTestCase):
         multiplexer = console.multiplexer
         self.assertEqual(multiplexer.session, saved.session)
         self.assertEqual(multiplexer.history.end, len(b"before the restart\r\n"))
-        multiplexer.console_up(_Device(), "kept")
+        multiplexer.console_up(FakePty(), "kept")
         multiplexer.output_received(b"after\r\n")
         self.assertEqual(multiplexer.history.head(), b"before the restart\r\nafter\r\n")
 
@@ -157,25 +159,6 @@ class TakeOverTests(SynchronousTestCase):
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
         self.assertIn("source was unix:/run/vm1.sock", warnings[0]["why"])
-
-
-class _Device:
-    """A console device that is never read (for console_up)."""
-
-    pending_input = 0
-
-    def startReading(self) -> None:
-        pass
-
-    def stopReading(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 
 class _ListRecorder:
@@ -218,7 +201,7 @@ class JournalTests(SynchronousTestCase):
     def test_replay_is_the_history(self) -> None:
         """Snapshot, output, a new boot, more output: replayed, the same state."""
         self.write(30)
-        self.multiplexer.console_up(_Device(), "reopened")
+        self.multiplexer.console_up(FakePty(), "reopened")
         self.write(30)
         replayed = replay_journal(b"".join(self.pieces))
         self.assertEqual(replayed.generation, 7)

@@ -22,6 +22,7 @@ from .device import ConsoleOpenError
 from .follow import ConsoleFollower, DescriptorStore, _run_here
 from .logfile import LogFileSink
 from .multiplexer import Multiplexer, iso_time
+from .readers import ReadWorkers
 from .sources import SourceError
 from .spec import ConsoleSpec
 from .state import ConsoleState
@@ -186,6 +187,7 @@ class Console(MultiService):
         multiplexer.history.head_size = spec.head_size
         if self.log_sink is not None:
             self.log_sink.set_mark_after(spec.log_timestamps * 60)
+            self._log_changed()
 
     def remove(self, reason: str) -> None:
         """
@@ -199,6 +201,13 @@ class Console(MultiService):
         """SIGHUP: reopen the log file (logrotate moved it away)."""
         if self.log_sink is not None:
             self.log_sink.reopen()
+            self._log_changed()
+
+    def _log_changed(self) -> None:
+        """A read worker writing the log file must learn of the change."""
+        device = self.follower.device
+        if device is not None:
+            device.log_changed()
 
 
 def build_console(
@@ -208,10 +217,12 @@ def build_console(
     run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
     store: DescriptorStore | None = None,
     saved: ConsoleState | None = None,
+    workers: ReadWorkers | None = None,
 ) -> Console:
     """
     The one place a console's objects are made (for one console or many). Nothing is
-    opened yet but the log file; see L{Console.open_now}.
+    opened yet but the log file; see L{Console.open_now}. C{workers} read it while
+    nobody watches it (see L{cloud_console.console.readers}).
 
     @raise cloud_console.console.logfile.LogFileError: the log file cannot be opened.
     """
@@ -225,6 +236,11 @@ def build_console(
     )
     if saved is not None:
         _take_over(spec, multiplexer, saved)
+    sink = None
+    if spec.log_file:
+        sink = LogFileSink(
+            spec.log_file, multiplexer, mark_after=spec.log_timestamps * 60, clock=reactor
+        )
     follower = ConsoleFollower(
         spec.source,
         multiplexer,
@@ -234,12 +250,9 @@ def build_console(
         run_blocking=run_blocking,
         store=store,
         store_name=f"console.{spec.name}" if spec.name else "console",
+        workers=workers,
+        log_descriptor=sink.worker_descriptor if sink is not None else None,
     )
-    sink = None
-    if spec.log_file:
-        sink = LogFileSink(
-            spec.log_file, multiplexer, mark_after=spec.log_timestamps * 60, clock=reactor
-        )
     return Console(spec, multiplexer, follower, sink, run_blocking)
 
 

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from .device import ConsoleDevice, ConsoleOpenError, connect_unix, open_tty
 from .multiplexer import Multiplexer
+from .readers import ReadWorkers
 from .sources import Source, SourceError
 
 #: Seconds before the first retry, doubling up to L{RETRY_MAX}.
@@ -151,8 +152,14 @@ class ConsoleFollower(Service):
         run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         store: DescriptorStore | None = None,
         store_name: str = "console",
+        workers: ReadWorkers | None = None,
+        log_descriptor: Callable[[], int | None] | None = None,
     ) -> None:
         self.source = source
+        #: The log file a read worker may write (see L{LogFileSink.worker_descriptor}).
+        self.log_descriptor = log_descriptor
+        #: Read workers that may read the console while nobody watches it.
+        self.workers = workers
         #: Where the open descriptor is kept across restarts, under C{store_name}.
         self.store = store
         self.store_name = store_name
@@ -255,6 +262,8 @@ class ConsoleFollower(Service):
             reactor=self.reactor,
             read_budget=multiplexer.read_budget,
             telnet=opened.telnet,
+            workers=self.workers,
+            log_descriptor=self.log_descriptor or (lambda: None),
         )
         self.device = device
         self._up_since = self.reactor.seconds()

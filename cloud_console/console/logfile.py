@@ -158,6 +158,16 @@ class LogFileSink(Service):
         if not self.multiplexer.stopping:
             self._close_file()
 
+    def worker_descriptor(self) -> int | None:
+        """
+        The file for a read worker to write the console's output to, or C{None} when this
+        sink must see each chunk before it is written: MARK lines are on (the mark when
+        output resumes goes before it), or the file is failing (the error is told here).
+        """
+        if self._fd < 0 or self.mark_after > 0 or self._failing:
+            return None
+        return self._fd
+
     def reopen(self) -> None:
         """
         Reopen the file by name (after logrotate moved it away). If that fails, keep
@@ -183,7 +193,10 @@ class LogFileSink(Service):
                 self._silence_marked = False
                 self._mark(now)
             self._watch_silence()
-        if self._write(chunk.data):
+        if chunk.logged:
+            self.bytes_written += len(chunk.data)
+            self._at_line_start = chunk.data.endswith(b"\n")
+        elif self._write(chunk.data):
             self._at_line_start = chunk.data.endswith(b"\n")
 
     def _write(self, data: bytes) -> bool:

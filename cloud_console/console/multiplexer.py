@@ -68,11 +68,13 @@ class Chunk:
     encoded once per framing, not once per client.
     """
 
-    __slots__ = ("offset", "data", "_framed")
+    __slots__ = ("offset", "data", "logged", "_framed")
 
-    def __init__(self, offset: int, data: bytes) -> None:
+    def __init__(self, offset: int, data: bytes, logged: bool = False) -> None:
         self.offset = offset
         self.data = data
+        #: Already in the console's log file (a read worker wrote it there).
+        self.logged = logged
         self._framed: dict[str, Any] = {}
 
     @property
@@ -148,6 +150,8 @@ class _ConsoleWriter(Protocol):
     def startReading(self) -> None: ...
 
     def stopReading(self) -> None: ...
+
+    def set_watched(self, watched: bool) -> None: ...
 
     def close(self) -> None: ...
 
@@ -396,6 +400,7 @@ class Multiplexer(Service):
             device.close()
             return
         self._pty = device
+        device.set_watched(self.viewer_count > 0)
         if self._continuing:
             self._continuing = False
         else:
@@ -489,16 +494,18 @@ class Multiplexer(Service):
         """Input bytes written to the console."""
         return self.input.bytes_in
 
-    def output_received(self, data: bytes) -> None:
+    def output_received(self, data: bytes, logged: bool = False) -> None:
         """
         The guest wrote C{data}: keep it and send it to every client that is keeping up.
 
         One L{Chunk} is made and shared, so a WebSocket frame is built once for all.
+
+        @param logged: a read worker already wrote C{data} to the log file.
         """
         if not data:
             return
         now = self.last_output_at = self._seconds()
-        chunk = Chunk(self.history.end, data)
+        chunk = Chunk(self.history.end, data, logged)
         self.history.append(data, now)
         if self.recorder is not None:
             self.recorder.appended(chunk.offset, data, now)
@@ -613,6 +620,8 @@ class Multiplexer(Service):
 
     def _announce_viewers(self) -> None:
         count = self.viewer_count
+        if self._pty is not None:
+            self._pty.set_watched(count > 0)
         for attachment in list(self._attachments):
             if attachment.viewer:
                 attachment.client.clients_changed(count)
