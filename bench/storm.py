@@ -24,6 +24,10 @@ After every phase each log is checked byte-exact: after the phase's sync marker 
 came before it, such as conserver's "[-- Console up --]" line and the probe, does not
 count) it must hold the console's payload, no more, no less.
 
+conserver's start-up grows with N by design: its master forks a child per 16 consoles
+(-m, left at the package's default) and sleeps 0.75 s after each fork (seen with strace),
+so 1,000 consoles take some 47 s to open; it listens once every child is started.
+
 Figures are returned (printed by report.py), never asserted. conserver is skipped, with a
 message, where it is not installed (apt-get install conserver-server).
 """
@@ -320,8 +324,9 @@ class Storm:
                             pending.discard(i)
             if not pending:
                 opened = time.monotonic() - served.t_spawn
-                while listening is None and time.monotonic() - served.t_spawn < 10:
-                    if _accepts(served.port):  # conserver opens its consoles first
+                # conserver listens once every child is started
+                while listening is None and time.monotonic() - served.t_spawn < opened + 10:
+                    if _accepts(served.port):
                         listening = time.monotonic() - served.t_spawn
                     else:
                         time.sleep(0.01)
