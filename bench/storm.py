@@ -309,6 +309,7 @@ class Storm:
     def _startup(self, served: Served, probe: bytes) -> dict:
         """Until every console's log holds the probe written before the server started."""
         pending = set(range(served.n))
+        read = dict.fromkeys(pending, 0)  # a log is read again only once it grew
         listening = None
         pause = 0.01 if served.n <= 100 else 0.05
         while True:
@@ -318,7 +319,9 @@ class Storm:
                 listening = now - served.t_spawn
             for i in list(pending):
                 path = served.log(i)
-                if _size(path) >= len(probe):
+                size = _size(path)
+                if size >= len(probe) and size != read[i]:
+                    read[i] = size
                     with open(path, "rb") as f:
                         if probe in f.read():
                             pending.discard(i)
