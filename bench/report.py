@@ -290,7 +290,9 @@ class Report:
         s, i = r.get("startup"), r.get("idle")
         if s and i:
             port = f"{s['listening_s']:.2f} s" if s["listening_s"] is not None else "-"
-            lines.append(f"{head} every console logging {s['open_s']:.2f} s after the start "
+            loadavg = "/".join(f"{x:.1f}" for x in r["load"])
+            lines.append(f"{head} (load average {loadavg} before/after) "
+                         f"every console logging {s['open_s']:.2f} s after the start "
                          f"(port open {port}); idle PSS {_mib(i['pss'])}, RSS {_mib(i['rss'])} "
                          f"({_count(i['processes'], 'process')}, "
                          f"{_count(i['threads'], 'thread')}), CPU "
@@ -302,8 +304,8 @@ class Report:
         if e:
             load = e["flood"]["load"]
             lines.append(f"{head} echo idle {_rtts(e['idle'])}; while the {n} consoles write "
-                         f"{load['rate'] / MiB:g} MiB/s {_rtts(e['flood'])} (the load: "
-                         f"{_storm_stream(load)})")
+                         f"{load['rate'] / MiB:g} MiB/s {_rtts(e['flood'])}, probing "
+                         f"{e['flood'].get('seconds', 0):.1f} s (the load: {_storm_stream(load)})")
         for part, why in r.get("problems", {}).items():
             lines.append(f"{head} PROBLEM ({part}): {why}")
         stop = r.get("stop", {})

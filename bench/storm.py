@@ -256,8 +256,10 @@ class Storm:
 
     def measure(self, server: StormServer, n: int, rep: int, order: list[str]) -> dict:
         """Every figure of one server at N consoles; a phase that fails is named in problems."""
+        # the machine's load average before and after: the cores are shared, and a busy
+        # neighbour shows in the latencies first
         out: dict = {"server": server.label, "consoles": n, "rep": rep, "order": order,
-                     "problems": {}}
+                     "problems": {}, "load": [os.getloadavg()[0]]}
         probe = f"<storm probe {_tag('p')}>\r\n"
         self.guest.call("flush")
         short = self.guest.call("write", n=n, data=probe)["short"]
@@ -277,6 +279,7 @@ class Storm:
             out["memory_end"] = tree_memory(served.ps)
         finally:
             out["stop"] = self.ctx.registry.stop_tree(served.proc)
+            out["load"].append(os.getloadavg()[0])
         return out
 
     def _start(self, server: StormServer, n: int, rep: int) -> Served:
