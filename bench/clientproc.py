@@ -3,6 +3,10 @@ A client process: many WebSocket clients in one asyncio loop, driven by the benc
 
     python clientproc.py CONTROL_SOCKET WORKLOAD_FILE HOST PORT PATH PROTOCOL
 
+PROTOCOL is a WebSocket one (C{raw}, C{terminado}: see wsclient), or C{conserver}:
+conserver's own client protocol (conserverclient), PORT its master's and PATH the
+console's name.
+
 Orders come as JSON lines over the UNIX socket; every order is answered with one JSON
 line carrying the same C{op} (plus asynchronous C{synced}/C{done} events after C{arm}).
 Clients run apart from the server so their CPU is never counted as the server's.
@@ -19,6 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conserverclient  # noqa: E402
 from workload import PROBE, load, marker  # noqa: E402
 from wsclient import COLLECT, DISCARD, DONE, PROBING, VERIFY, WSClient, connect  # noqa: E402
 
@@ -43,13 +48,19 @@ class Worker:
         async def one(path: str) -> WSClient | None:
             async with gate:
                 try:
-                    return await connect(self.host, self.port, path, self.protocol)
+                    return await self._open(path)
                 except Exception as e:  # noqa: BLE001 - reported, not raised
                     errors.append(repr(e))
                     return None
 
         made = await asyncio.gather(*(one(p) for p in (paths or [self.path] * n)))
         return [c for c in made if c is not None], errors
+
+    async def _open(self, path: str):
+        """A WebSocket client, or for C{conserver} a console client (C{path}: its name)."""
+        if self.protocol == "conserver":
+            return await conserverclient.connect(self.host, self.port, path)
+        return await connect(self.host, self.port, path, self.protocol)
 
     # -- orders --------------------------------------------------------------------------
 
@@ -153,7 +164,10 @@ class Worker:
                            if c.lost.done()]}
 
     async def op_latency(self, order: dict) -> dict:
-        """One client: send the probe byte, wait for the guest's echo, repeat."""
+        """
+        One client: send the probe byte, wait for the guest's echo, repeat (every
+        C{interval} seconds, if given).
+        """
         c = self.clients[order.get("index", 0)]
         loop = asyncio.get_running_loop()
         rtts: list[float] = []
@@ -171,7 +185,8 @@ class Worker:
                 continue
             if i >= order["warmup"]:
                 rtts.append((t1 - t0) * 1e6)
-            await asyncio.sleep(0.0005)  # let a probe's echo leave the pipe before the next
+            # let a probe's echo leave the pipe before the next; or type at a human's pace
+            await asyncio.sleep(order.get("interval", 0.0005))
         c.stream.mode = DISCARD
         return {"rtts_us": rtts, "timeouts": timeouts}
 

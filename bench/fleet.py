@@ -150,10 +150,11 @@ def _fleet_guest(ctx: Context) -> Channel:
     return ctx.control.accept(proc, what="the fleet guest")
 
 
-def _clients(ctx: Context, port: int, name: str, path: str = "/") -> Channel:
+def _clients(ctx: Context, port: int, name: str, path: str = "/",
+             protocol: str = "raw") -> Channel:
     proc = ctx.registry.start([sys.executable, os.path.join(BENCH, "clientproc.py"),
                                ctx.control.path, ctx.workload_path, HOST, str(port), path,
-                               "raw"], name)
+                               protocol], name)
     return ctx.control.accept(proc, what="a client process")
 
 
@@ -356,7 +357,7 @@ def _reload(ctx: Context, server: FleetServer, guest: Channel, paths: list[str],
 # -- the noisy neighbour -----------------------------------------------------------------
 
 
-class _PtyGuest:
+class PtyGuest:
     """A pty pair of ours, its master driven by a guest.py."""
 
     def __init__(self, ctx: Context, name: str) -> None:
@@ -384,7 +385,7 @@ def neighbour(ctx: Context, opts: FleetOptions) -> dict:
     """The same two consoles, served by one process, then by two, in the same run."""
     out: dict = {}
     for layout in ("two", "one"):
-        flood, typist = _PtyGuest(ctx, f"flood-guest-{layout}"), _PtyGuest(ctx, f"typist-guest-{layout}")
+        flood, typist = PtyGuest(ctx, f"flood-guest-{layout}"), PtyGuest(ctx, f"typist-guest-{layout}")
         servers = []
         try:
             if layout == "one":
@@ -418,7 +419,7 @@ def neighbour(ctx: Context, opts: FleetOptions) -> dict:
     return out
 
 
-def _neighbours(ctx: Context, opts: FleetOptions, flood: _PtyGuest, typist: _PtyGuest,
+def _neighbours(ctx: Context, opts: FleetOptions, flood: PtyGuest, typist: PtyGuest,
                 ends: list[tuple[int, str]], servers: list[psutil.Process]) -> dict:
     (fport, fpath), (tport, tpath) = ends
     viewer = _clients(ctx, fport, "flood-viewer", fpath)

@@ -4,18 +4,33 @@ The fleet's guest: one process holding the pty pairs of many consoles (a host's 
     python fleetguest.py CONTROL_SOCKET WORKLOAD_FILE
 
 It opens the pairs itself (raw, both ends held, so a server closing its end never hangs
-one up) and tells the benchmark the slave paths; the servers under test open those.
-One event loop (epoll, through selectors: select() stops at fd 1,024) drains every
-master, so output a server writes to a console never fills its pty, and runs the orders,
-JSON lines over CONTROL_SOCKET, each answered with one line carrying its C{op}:
+one up, and the same ptys serve one server after another) and tells the benchmark the
+slave paths; the servers under test open those. One event loop (epoll, through
+selectors: select() stops at fd 1,024) drains every master, so output a server writes to
+a console never fills its pty, and runs the orders, JSON lines over CONTROL_SOCKET, each
+answered with one line carrying its C{op}:
 
  - C{open}: C{n} more pairs; the reply lists their slave paths (C{paths});
- - C{stream}: on the consoles C{indices}: the marker C{sync}, then the first C{size}
-   workload bytes at C{rate} bytes/s each, then the marker C{end}; answered at once, and
-   again with C{op} C{streamed} once every byte went into the ptys;
+ - C{flush}: drop what the first C{n} consoles (all by default) hold unread for a
+   server (tcflush), so a server starts on an empty line whatever the last one left;
+ - C{write}: C{data} (a latin-1 string) into the first C{n} consoles at once (a probe:
+   it must fit in the pty, C{short} counts those where it did not);
+ - C{stream}: on the consoles C{indices}: the marker C{sync} (and CRLF after it if
+   C{sync_line}), then C{size} workload bytes (from C{offset}: either may be one number
+   or a list, one per index), then the marker C{end} if given, paced at C{rate} bytes/s
+   (a number or a list; 0: as fast as the pty takes them); answered at once, and again
+   with C{op} C{streamed} and the C{seconds} it took once every byte went into the ptys;
  - C{finish}: the streams going on write the rest at full speed;
+ - C{drop}: the streams going on end now, what the ptys did not take dropped (for a
+   server that stopped reading; no C{streamed} follows);
  - C{stats}: bytes read from the masters (what the servers wrote to the consoles);
  - C{quit}.
+
+The writer is meant to cost little beside the servers it feeds (it shares their cores):
+a stream's bytes are built once and written from a memoryview; a paced console is topped
+up to its due offset (C{rate} x the time since the start, so a late tick catches up)
+every 10 ms; a console whose pty is full waits for epoll to say it has room, so nothing
+is dropped and no console is polled in vain.
 
 The soft limit on open files is raised to the hard limit first: 1,000 consoles are 2,000
 descriptors here. Standard library only.
@@ -29,6 +44,7 @@ import resource
 import selectors
 import socket
 import sys
+import termios
 import time
 import tty
 
@@ -36,21 +52,41 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workload import load, marker  # noqa: E402
 
 TICK = 0.01
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
 
 
 class Pair:
+    __slots__ = (
+        "data",
+        "head",
+        "master",
+        "path",
+        "pos",
+        "rate",
+        "slave",
+        "streaming",
+        "view",
+        "writing",
+    )
+
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
         os.set_blocking(self.master, False)
         self.path = os.ttyname(self.slave)
-        self.pending = bytearray()
-        self.writing = False  # registered for EVENT_WRITE
-        # a paced stream: workload[pos:size] still to queue, then the end marker
-        self.pos = self.size = 0
-        self.rate = 0.0
-        self.end = b""
+        self.data = b""  # the stream: sync marker, workload bytes, end marker
+        self.view = memoryview(self.data)
+        self.pos = 0  # bytes of it in the pty
+        self.head = 0  # bytes due at once (the sync marker), before the pacing
+        self.rate = 0.0  # bytes/s; 0: as fast as the pty takes them
         self.streaming = False
+        self.writing = False  # registered for EVENT_WRITE (the pty was full)
+
+
+def _each(value, k: int):
+    """An order's per-console value: one for all, or a list with one per index."""
+    return value[k] if isinstance(value, list) else value
 
 
 class Guest:
@@ -59,40 +95,48 @@ class Guest:
         self.workload = workload
         self.sel = selectors.DefaultSelector()
         self.pairs: list[Pair] = []
-        self.by_fd: dict[int, Pair] = {}
+        self.streams: list[Pair] = []
+        self.t0 = 0.0  # when the current streams started
         self.read_back = 0
-        self.streams_left = 0
         self.buf = b""
-        self.sel.register(control, selectors.EVENT_READ, None)
+        self.sel.register(control, READ, None)
 
     def reply(self, message: dict) -> None:
         self.control.sendall(json.dumps(message).encode() + b"\n")
 
-    def _events(self, pair: Pair) -> None:
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if pair.pending else 0)
-        if bool(pair.pending) != pair.writing:
-            pair.writing = bool(pair.pending)
-            self.sel.modify(pair.master, want, pair)
+    # -- writing -------------------------------------------------------------------------
 
-    def _flush(self, pair: Pair) -> None:
-        while pair.pending:
+    def _due(self, pair: Pair, now: float) -> int:
+        if pair.rate <= 0:
+            return len(pair.data)
+        return min(len(pair.data), pair.head + int(pair.rate * (now - self.t0)))
+
+    def _pump(self, pair: Pair, now: float) -> None:
+        """Write what is due; a pty that took less is watched for room (EVENT_WRITE)."""
+        due = self._due(pair, now)
+        if due > pair.pos:
             try:
-                n = os.write(pair.master, pair.pending[:65536])
+                pair.pos += os.write(pair.master, pair.view[pair.pos:due])
             except (BlockingIOError, InterruptedError):
-                break
-            del pair.pending[:n]
-        self._events(pair)
+                pass
+        full = pair.pos < due
+        if full != pair.writing:
+            pair.writing = full
+            self.sel.modify(pair.master, READ | (WRITE if full else 0), pair)
 
-    def _queue_stream(self, pair: Pair, budget: int) -> None:
-        """Queue up to C{budget} more stream bytes (and the end marker after the last)."""
-        take = min(budget, pair.size - pair.pos)
-        if take > 0:
-            pair.pending += self.workload[pair.pos:pair.pos + take]
-            pair.pos += take
-        if pair.pos >= pair.size and pair.streaming:
-            pair.pending += pair.end
-            pair.streaming = False
-            self.streams_left -= 1
+    def _tick(self, now: float) -> None:
+        """Top up the paced consoles; tell the benchmark when every stream is written."""
+        left = []
+        for pair in self.streams:
+            if pair.pos < len(pair.data):
+                if not pair.writing:
+                    self._pump(pair, now)
+                left.append(pair)
+            else:
+                pair.streaming = False
+        self.streams = left
+        if not left:
+            self.reply({"op": "streamed", "t": now, "seconds": now - self.t0})
 
     # -- orders --------------------------------------------------------------------------
 
@@ -101,29 +145,60 @@ class Guest:
         for _ in range(order["n"]):
             pair = Pair()
             self.pairs.append(pair)
-            self.by_fd[pair.master] = pair
-            self.sel.register(pair.master, selectors.EVENT_READ, pair)
+            self.sel.register(pair.master, READ, pair)
             made.append(pair.path)
         return {"paths": made, "total": len(self.pairs)}
 
+    def op_flush(self, order: dict) -> dict:
+        for pair in self.pairs[:order.get("n", len(self.pairs))]:
+            termios.tcflush(pair.slave, termios.TCIFLUSH)
+        return {}
+
+    def op_write(self, order: dict) -> dict:
+        data = order["data"].encode("latin-1")
+        short = 0
+        for pair in self.pairs[:order.get("n", len(self.pairs))]:
+            try:
+                short += os.write(pair.master, data) < len(data)
+            except BlockingIOError:
+                short += 1
+        return {"short": short}
+
     def op_stream(self, order: dict) -> dict:
-        sync = marker(order["sync"])
-        for i in order["indices"]:
+        sync = marker(order["sync"]) + (b"\r\n" if order.get("sync_line") else b"")
+        end = marker(order["end"]) if order.get("end") else b""
+        self.t0 = time.monotonic()
+        for k, i in enumerate(order["indices"]):
             pair = self.pairs[i]
-            pair.pending += sync
-            pair.pos, pair.size = 0, order["size"]
-            pair.rate = float(order["rate"])
-            pair.end = marker(order["end"])
-            pair.streaming = True
-            self.streams_left += 1
-            self._flush(pair)
+            offset, size = _each(order.get("offset", 0), k), _each(order["size"], k)
+            pair.data = sync + self.workload[offset:offset + size] + end
+            pair.view = memoryview(pair.data)
+            pair.pos, pair.head = 0, len(sync)
+            pair.rate = float(_each(order["rate"], k))
+            if not pair.streaming:
+                pair.streaming = True
+                self.streams.append(pair)
+            self._pump(pair, self.t0)
         return {"streams": len(order["indices"])}
 
     def op_finish(self, order: dict) -> dict:
-        for pair in self.pairs:
-            if pair.streaming:
-                pair.rate = 0.0  # no pacing
+        now = time.monotonic()
+        for pair in self.streams:
+            pair.rate = 0.0  # no pacing
+            if not pair.writing:
+                self._pump(pair, now)
         return {}
+
+    def op_drop(self, order: dict) -> dict:
+        """End every stream now (a server stopped reading); C{unwritten} bytes dropped."""
+        unwritten = sum(len(pair.data) - pair.pos for pair in self.streams)
+        for pair in self.streams:
+            pair.data, pair.view, pair.pos, pair.streaming = b"", memoryview(b""), 0, False
+            if pair.writing:
+                pair.writing = False
+                self.sel.modify(pair.master, READ, pair)
+        self.streams = []
+        return {"unwritten": unwritten}
 
     def op_stats(self, order: dict) -> dict:
         return {"read_back": self.read_back, "pairs": len(self.pairs)}
@@ -132,39 +207,29 @@ class Guest:
 
     def run(self) -> None:
         next_tick = time.monotonic() + TICK
-        streaming_before = 0
         while True:
-            timeout = max(0.0, next_tick - time.monotonic()) if self.streams_left else None
+            timeout = max(0.0, next_tick - time.monotonic()) if self.streams else None
             for key, events in self.sel.select(timeout):
                 pair = key.data
                 if pair is None:
                     if not self._control():
                         return
                     continue
-                if events & selectors.EVENT_READ:
+                if events & READ:
                     try:
-                        data = os.read(pair.master, 65536)
-                        self.read_back += len(data)
+                        self.read_back += len(os.read(pair.master, 65536))
                     except (BlockingIOError, InterruptedError):
                         pass
                     except OSError:
                         self.sel.unregister(pair.master)
                         continue
-                if events & selectors.EVENT_WRITE:
-                    self._flush(pair)
-            if self.streams_left and time.monotonic() >= next_tick:
-                next_tick += TICK
-                for pair in self.pairs:
-                    if pair.streaming and len(pair.pending) < 1 << 20:
-                        budget = (1 << 20) if pair.rate <= 0 else max(1, int(pair.rate * TICK))
-                        self._queue_stream(pair, budget)
-                        self._flush(pair)
-                if not self.streams_left:
-                    streaming_before = 1
-            if streaming_before and not self.streams_left and not any(
-                    p.pending for p in self.pairs):
-                streaming_before = 0
-                self.reply({"op": "streamed", "t": time.monotonic()})
+                if events & WRITE:
+                    self._pump(pair, time.monotonic())
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = max(next_tick + TICK, now)
+                if self.streams:
+                    self._tick(now)
 
     def _control(self) -> bool:
         data = self.control.recv(1 << 16)  # readable: this does not block

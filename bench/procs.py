@@ -47,6 +47,31 @@ def cpu_seconds(p: psutil.Process) -> float:
         return t.user + t.system
 
 
+def tree_memory(root: psutil.Process) -> dict:
+    """
+    Proportional and resident set sizes (bytes) of a process and its descendants, summed
+    from /proc/PID/smaps_rollup: PSS, because forked children (conserver's) share pages
+    that RSS would count once per process; and the process and thread counts.
+    """
+    try:
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        procs = [root]
+    out = {"pss": 0, "rss": 0, "processes": 0, "threads": 0}
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("Pss", "Rss"):
+                        out[key.lower()] += int(value.split()[0]) * 1024
+            out["threads"] += p.num_threads()
+        except (OSError, psutil.Error):
+            continue
+        out["processes"] += 1
+    return out
+
+
 class BenchError(Exception):
     """A scenario could not be run (a server that did not start, a peer that hung)."""
 
@@ -89,6 +114,32 @@ class Registry:
         if proc in self.procs:
             self.procs.remove(proc)
         return proc.returncode
+
+    def stop_tree(self, proc: subprocess.Popen, timeout: float = 5.0) -> dict:
+        """
+        Stop a server that forks (conserver: a child per 16 consoles): its descendants
+        are noted first, the root is stopped as by L{stop}, then each descendant still
+        there gets SIGTERM and, if it lingers, SIGKILL, by pid. The root's status and the
+        pids that had to be ended by hand.
+        """
+        try:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        status = self.stop(proc, timeout)
+        _, alive = psutil.wait_procs(kids, timeout=2.0)
+        for p in alive:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=2.0)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return {"status": status, "leftovers": [p.pid for p in alive]}
 
     def stop_all(self) -> None:
         for proc in reversed(list(self.procs)):
@@ -138,6 +189,10 @@ class Channel:
                 self._buf += data
             elif self.proc is not None and self.proc.poll() is not None:
                 raise BenchError(f"pid {self.pid} exited ({self.proc.returncode})")
+
+    def forget(self, op: str) -> None:
+        """Drop the messages with C{op} kept for later (a reply that no longer matters)."""
+        self._pending = [m for m in self._pending if m.get("op") != op]
 
     def call(self, op: str, timeout: float = 60.0, **order) -> dict:
         self.send(op=op, **order)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -283,6 +284,112 @@ class Report:
                 f"server CPU {x['cores_during']:.2f} cores")
         return lines
 
+    def _storm(self, r: dict, n: int, rep: int) -> list[str]:
+        head = f"N={n} run {rep + 1}:"
+        lines = []
+        s, i = r.get("startup"), r.get("idle")
+        if s and i:
+            port = f"{s['listening_s']:.2f} s" if s["listening_s"] is not None else "-"
+            loadavg = "/".join(f"{x:.1f}" for x in r["load"])
+            lines.append(f"{head} (load average {loadavg} before/after) "
+                         f"every console logging {s['open_s']:.2f} s after the start "
+                         f"(port open {port}); idle PSS {_mib(i['pss'])}, RSS {_mib(i['rss'])} "
+                         f"({_count(i['processes'], 'process')}, "
+                         f"{_count(i['threads'], 'thread')}), CPU "
+                         f"{i['cores'] * 100:.2f} % of a core over {i['seconds']:.0f} s")
+        for key, what in (("at_once", "at once"), ("paced", "paced")):
+            if key in r:
+                lines.append(f"{head} {what}: {_storm_stream(r[key])}")
+        e = r.get("echo")
+        if e:
+            load = e["flood"]["load"]
+            lines.append(f"{head} echo idle {_rtts(e['idle'])}; while the {n} consoles write "
+                         f"{load['rate'] / MiB:g} MiB/s {_rtts(e['flood'])}, probing "
+                         f"{e['flood'].get('seconds', 0):.1f} s (the load: {_storm_stream(load)})")
+        for part, why in r.get("problems", {}).items():
+            lines.append(f"{head} PROBLEM ({part}): {why}")
+        stop = r.get("stop", {})
+        if stop.get("leftovers"):
+            lines.append(f"{head} stopped (status {stop['status']}), {len(stop['leftovers'])} "
+                         "processes of its tree ended by hand")
+        return lines
+
+    def _storm_median(self, label: str, n: int, figure) -> float | None:
+        """The median over repeats of C{figure(result)} (None where it has none)."""
+        values = []
+        for (kind, name, *rest), r in self.results.items():
+            if kind == "storm" and name == label and rest[:1] == [n] and "failed" not in r:
+                try:
+                    value = figure(r)
+                except (KeyError, TypeError):
+                    value = None
+                if value is not None:
+                    values.append(value)
+        return statistics.median(values) if values else None
+
+    def _storm_pair(self, cc: str, n: int, figure) -> tuple[float | None, float | None]:
+        return self._storm_median(cc, n, figure), self._storm_median("conserver", n, figure)
+
+    def _storm_table(self) -> None:
+        if not any(k[0] == "storm" for k in self.results):
+            return
+        servers = self.args.storm_servers
+        labels = [s.label for s in servers]
+        ccs = [s.label for s in servers if s.kind == CC]
+        peer = "conserver" if "conserver" in labels else None
+        ratios = [(cc, f"{_short(cc)}/conserver") for cc in ccs] if peer else []
+        width = [max(12, len(x) + 2) for x in labels + [r for _, r in ratios]]
+        note = "; ratios: cloud-console's figure over conserver's" if ratios else ""
+        print(f"\nstorm: {', '.join(labels)} on the same ptys, one after the other (median of "
+              f"{self.args.storm_repeats} run(s){note})")
+        for n in self.args.storm_sizes:
+            print(f"  {f'N={n}':<30}" + "".join(f"{x:>{w}}" for x, w in
+                                                 zip(labels + [r for _, r in ratios], width)))
+            for what, figure, form in STORM_FIGURES:
+                cells = [self._storm_median(label, n, figure) for label in labels]
+                row = [format(v, form) if v is not None else "-" for v in cells]
+                for cc, _ in ratios:
+                    a, b = cells[labels.index(cc)], cells[labels.index(peer)]
+                    row.append(f"{a / b:.2f}" if a is not None and b else "-")
+                print(f"  {what:<30}" + "".join(f"{x:>{w}}" for x, w in zip(row, width)))
+
+    def _storm_goals(self) -> list[tuple]:
+        """The issue's goals for each cloud-console of the storm (against conserver)."""
+        rows: list[tuple] = []
+        if not any(k[0] == "storm" for k in self.results):
+            return rows
+        ccs = [s.label for s in self.args.storm_servers if s.kind == CC]
+        for cc in ccs:
+            tag = f" [{_short(cc)}]" if len(ccs) > 1 else ""
+            for n in self.args.storm_sizes:
+                both = functools.partial(self._storm_pair, cc, n)
+                for key, what in (("at_once", "at once"), ("paced", "paced")):
+                    c, p = both(lambda r, key=key: r[key]["cpu_ms_per_mib"])
+                    if c is not None and p is not None:
+                        rows.append((f"storm {n}: CPU/MiB {what} <= conserver's{tag}",
+                                     f"{c:.2f} ms", f"<= {p:.2f} ms", c <= p))
+                if n == 1000:
+                    c, p = both(lambda r: r["idle"]["pss"])
+                    if c is not None and p is not None:
+                        rows.append((f"storm {n}: idle PSS < conserver's{tag}", _mib(c),
+                                     f"< {_mib(p)}", c < p))
+                c, _ = both(lambda r: r["startup"]["open_s"])
+                if c is not None:
+                    rows.append((f"storm {n}: every console open < 1 s after start{tag}",
+                                 f"{c:.2f} s", "< 1 s", c < 1))
+                c, p = both(lambda r: r["echo"]["flood"]["p99"] / 1e3)
+                if c is not None and p is not None:
+                    rows.append((f"storm {n}: echo p99 under flood <= conserver's{tag}",
+                                 f"{c:.2f} ms", f"<= {p:.2f} ms", c <= p))
+                if c is not None and n == 100:
+                    rows.append((f"storm {n}: echo p99 under flood < 10 ms{tag}",
+                                 f"{c:.2f} ms", "< 10 ms", c < 10))
+                bad = self._storm_median(cc, n, _storm_inexact)
+                if bad is not None:
+                    rows.append((f"storm {n}: every log byte-exact{tag}", f"{bad:.0f} inexact",
+                                 "0", bad == 0))
+        return rows
+
     @property
     def _current(self) -> str:
         return next(reversed(self.results))[1]
@@ -311,6 +418,7 @@ class Report:
                   f"{r['cpu_ms_per_mib']:9.2f}{cpu_peer:>21}")
         print("  (vs raw pty: the best bare-pty run in the direction the server reads)")
         self._ssh_table()
+        self._storm_table()
         self._goals()
         print(f"\nbench took {elapsed:.0f} s", flush=True)
 
@@ -375,6 +483,7 @@ class Report:
         rows += self._fleet_goals()
         rows += self._ssh_goals()
         rows += self._incident_goals()
+        rows += self._storm_goals()
         raw = self.get("latency", "raw pty", 0)
         print("\ndesign goals (cloud-console)" + (
             f"; bare pty echo p99 now: {raw['p99']:.0f} us" if "p99" in raw else ""))
@@ -483,6 +592,63 @@ class Report:
     def as_json(self) -> dict:
         return {"args": vars(self.args), "time": time.time(),
                 "results": [{"key": list(k), **v} for k, v in self.results.items()]}
+
+
+def _rtts(x: dict) -> str:
+    """Echo round trips (microseconds in the result) in ms."""
+    if "p50" not in x:
+        return f"no samples ({x.get('timeouts')} timeouts)"
+    lost = f", {x['timeouts']} timeouts" if x["timeouts"] else ""
+    return (f"p50 {x['p50'] / 1e3:.2f} p99 {x['p99'] / 1e3:.2f} max {x['max'] / 1e3:.2f} ms "
+            f"(n={x['n']}{lost})")
+
+
+def _storm_stream(x: dict) -> str:
+    if x["cpu_ms_per_mib"] is not None:
+        cost = f"{x['cpu_ms_per_mib']:.2f} ms/MiB"
+    else:
+        cost = f"not scored: {x['incomplete']} logs incomplete"
+    rate = f" at {x['rate'] / MiB:g} MiB/s" if "rate" in x else ""
+    exact = ("every log exact" if x["exact"] == x["consoles"] else
+             f"{x['consoles'] - x['exact']} logs NOT exact: {'; '.join(x['errors'])}")
+    return (f"{x['mib']:.1f} MiB{rate} logged in {x['wall_s']:.2f} s, server CPU "
+            f"{x['cpu_s']:.2f} s = {cost} ({x['cores']:.2f} cores, "
+            f"{_count(x['processes'], 'process')}; the writer {x['writer_cpu_s']:.2f} s); {exact}")
+
+
+def _short(label: str) -> str:
+    """A storm server's label, cloud-console said cc (a variant's arguments kept)."""
+    return "cc" + label[len(CC):] if label.startswith(CC) else label
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}es" if what.endswith("s") else f"{n} {what}s"
+
+
+def _storm_inexact(r: dict) -> int | None:
+    """Logs not byte-exact after a phase, over the phases measured (None: none was)."""
+    phases = [r.get("at_once"), r.get("paced"), r.get("echo", {}).get("flood", {}).get("load")]
+    phases = [x for x in phases if x]
+    return sum(x["consoles"] - x["exact"] for x in phases) if phases else None
+
+
+#: the storm table's rows: what, the figure of one run, its format
+STORM_FIGURES = (
+    ("all consoles logging, s", lambda r: r["startup"]["open_s"], ".2f"),
+    ("idle PSS, MiB", lambda r: r["idle"]["pss"] / MiB, ".1f"),
+    ("idle RSS, MiB", lambda r: r["idle"]["rss"] / MiB, ".1f"),
+    ("idle CPU, % of a core", lambda r: r["idle"]["cores"] * 100, ".2f"),
+    ("at once: CPU ms/MiB", lambda r: r["at_once"]["cpu_ms_per_mib"], ".2f"),
+    ("at once: wall, s", lambda r: r["at_once"]["wall_s"], ".2f"),
+    ("paced: CPU ms/MiB", lambda r: r["paced"]["cpu_ms_per_mib"], ".2f"),
+    ("echo idle p50, ms", lambda r: r["echo"]["idle"]["p50"] / 1e3, ".2f"),
+    ("echo idle p99, ms", lambda r: r["echo"]["idle"]["p99"] / 1e3, ".2f"),
+    ("echo idle max, ms", lambda r: r["echo"]["idle"]["max"] / 1e3, ".2f"),
+    ("echo under flood p50, ms", lambda r: r["echo"]["flood"]["p50"] / 1e3, ".2f"),
+    ("echo under flood p99, ms", lambda r: r["echo"]["flood"]["p99"] / 1e3, ".2f"),
+    ("echo under flood max, ms", lambda r: r["echo"]["flood"]["max"] / 1e3, ".2f"),
+    ("logs not byte-exact", _storm_inexact, ".0f"),
+)
 
 
 def print_profile(path: str, top: int = 12) -> None:

@@ -6,6 +6,7 @@ checkout with the project's python (one that has twisted and autobahn):
 
     python3 -m venv /tmp/ccbench-venv
     /tmp/ccbench-venv/bin/pip install -r bench/requirements.txt   # + py-spy for --profile
+    apt-get install conserver-server   # the storm scenario's peer (pip cannot install it)
     /tmp/ccbench-venv/bin/python bench/run.py --server-python /path/to/project-venv/bin/python
     ... --quick          # smoke run: 8 MiB, 300 latency samples, 200 cycles, 1 run each
     ... --profile 10     # py-spy the server during the 10-client run, print the top costs
@@ -42,6 +43,18 @@ audited viewers), the input path (typing and pastes) without it, with it and wit
 Python: its memory at 1,000 idle consoles and after a 100 MB flood (and at its cap), and
 its CPU per MiB on the output path, with and without it.
 
+"storm" (bench/storm.py; alone: --scenarios storm) is a host's consoles all busy at once,
+cloud-console (--config, --log-dir) beside conserver (Debian's conserver-server, run in the
+foreground with a config of its own; skipped, with a message, where /usr/sbin/conserver is
+missing), one after the other on the same ptys: at each of --storm-sizes consoles, the
+time until every console is logging, the idle memory (PSS, RSS) and CPU of the server's
+process tree, its CPU per MiB logged when every console writes its boot log at once and
+when the same volume comes paced (--storm-rate), every log checked byte-exact, and an
+operator's echo on one more console, idle and while every console writes. A table puts
+the servers side by side (cloud-console/conserver ratios) and checks the issue's goals.
+--storm-servers names the columns: e.g. cloud-console,cloud-console:--read-workers=2,conserver
+compares two configurations of cloud-console with conserver in one run.
+
 "cc-bighist" is the same server with --history-size larger than the workload: when the
 default server closes clients as lagging (so its throughput is not scored), this is
 where its per-byte cost is measured. --server-pythonpath runs another copy of the
@@ -76,6 +89,7 @@ import timeindex  # noqa: E402
 import audit  # noqa: E402
 import procs  # noqa: E402
 import ssh  # noqa: E402
+import storm  # noqa: E402
 from procs import BenchError, Control, Registry, ServerSpec  # noqa: E402
 from workload import cached  # noqa: E402
 
@@ -87,7 +101,7 @@ CC_COMMAND = (
 )
 TERMINADO_COMMAND = f"{sys.executable} {{bench}}/terminado_server.py {{port}} {{guest}}"
 ALL = ("baseline", "throughput", "latency", "stalled", "memory", "history", "fleet", "ssh", "timeindex",
-       "restart", "audit")
+       "restart", "audit", "storm")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -150,6 +164,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sshd", help="ssh: OpenSSH's sshd (default: found on PATH or in /usr/sbin)")
     p.add_argument("--ssh-cipher", help="ssh: force this cipher on every ssh viewer (ssh -c; "
                    "default: what each server negotiates with OpenSSH's client)")
+    p.add_argument("--storm-sizes", help="storm: console counts (default 100,500,1000; "
+                   "quick 100)")
+    p.add_argument("--storm-repeats", type=int, default=1,
+                   help="storm: runs of every server at each size, the order rotating "
+                        "(default 1)")
+    p.add_argument("--storm-servers", default="cloud-console,conserver",
+                   help="storm: the servers, one after the other on the same ptys, one "
+                        "column each: cloud-console, conserver, or cloud-console:ARGS, a "
+                        "variant with ARGS (split as by a shell) on its command line, e.g. "
+                        "cloud-console,cloud-console:--read-workers=2,conserver "
+                        "(default %(default)s)")
+    p.add_argument("--storm-cc-args", default="",
+                   help="storm: arguments added to every cloud-console's command, before a "
+                        "variant's own; give it with '=': --storm-cc-args='--read-workers 2'")
+    p.add_argument("--storm-rate", type=float, default=8.0,
+                   help="storm: MiB/s of the paced phase, all consoles together (default 8)")
     p.add_argument("--timeout", type=float, default=180, help="bound on any one phase, s")
     p.add_argument("--json", help="write every result as JSON to this file")
     a = p.parse_args(argv)
@@ -171,6 +201,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "1,10,100" if a.quick else "1,10,100,1000")).split(",") if n})
     a.fleet_idle = a.fleet_idle or (3.0 if a.quick else 10.0)
     a.fleet_flood = a.fleet_flood or (2.0 if a.quick else 5.0)
+    a.storm_sizes = sorted({int(n) for n in (a.storm_sizes or (
+        "100" if a.quick else "100,500,1000")).split(",") if n})
+    try:
+        a.storm_servers = storm.parse_servers(a.storm_servers, a.storm_cc_args)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
@@ -187,6 +223,8 @@ def check_server(args: argparse.Namespace) -> None:
                      + " (or leave it out: --scenarios without ssh)")
         if not ssh.sshd_path(args.sshd):
             print(f"note: {ssh.SSHD_MISSING}; the ssh scenario runs without it", flush=True)
+    if "storm" in args.scenarios:
+        args.storm_servers = storm.installed(args.storm_servers)
     if args.server_cmd != CC_COMMAND:
         return
     env = dict(os.environ, PYTHONPATH=args.server_pythonpath or procs.REPO)
@@ -198,6 +236,26 @@ def check_server(args: argparse.Namespace) -> None:
     if "--max-clients" in probe.stdout:
         limit = max(args.idle + args.clients + [args.background + 1]) + 16
         args.server_cmd += f" --max-clients {limit}"
+
+
+def run_storm(ctx: scenarios.Context, args: argparse.Namespace, out: report.Report,
+              attempt) -> None:
+    """Every storm run, each an attempt of its own; the ptys and the echo shared by all."""
+    opts = storm.StormOptions(sizes=args.storm_sizes, repeats=args.storm_repeats,
+                              servers=args.storm_servers, rate=args.storm_rate * scenarios.MiB,
+                              idle_seconds=3.0 if args.quick else 5.0,
+                              settle=1.0 if args.quick else 3.0)
+    try:
+        host = storm.Storm(ctx, opts)
+    except (BenchError, OSError) as e:
+        out.add(("storm", "set-up"), {"failed": str(e)})
+        return
+    try:
+        for n, rep, server, order in host.plan():
+            attempt(("storm", server.label, n, rep),
+                    lambda _ctx, s=server, n=n, rep=rep, o=order: host.measure(s, n, rep, o))
+    finally:
+        host.close()
 
 
 def main(argv: list[str]) -> int:
@@ -285,6 +343,8 @@ def main(argv: list[str]) -> int:
                     ssh.SshOptions(args.ssh_clients, args.repeat, args.sshd, args.ssh_cipher),
                     args.client_procs)
 
+        if "storm" in args.scenarios:
+            run_storm(ctx, args, out, attempt)
         if "timeindex" in args.scenarios:
             attempt(("timeindex", report.CC), timeindex.measure)
         if "restart" in args.scenarios:
