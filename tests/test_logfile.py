@@ -374,6 +374,44 @@ class ConsoleStateMarkerTests(LogFileTestCase):
         self.assertEqual(lines[5:], [b""])
 
 
+class WorkerLoggedTests(LogFileTestCase):
+    """Output a read worker already wrote to the file is counted, not written again."""
+
+    def test_not_written_twice(self) -> None:
+        """
+        Logged output is not written again, but counts, and a marker line after it
+        still starts on a line of its own.
+        """
+        sink = self.make_sink()
+        fd = sink.worker_descriptor()
+        assert fd is not None
+        os.write(fd, b"login: ")  # as the worker writes it
+        self.multiplexer.output_received(b"login: ", logged=True)
+        self.multiplexer.console_down("pty /dev/pts/3 hung up")
+        self.multiplexer.console_up(FakePty(), "opened pty /dev/pts/4")
+        self.multiplexer.output_received(b"Linux\r\n")
+        written = read(self.path)
+        lines = written.split(b"\r\n")
+        self.assertEqual(lines[0], b"login: ")
+        self.assertRegex(lines[1].decode(), r"^\[-- console down: pty /dev/pts/3 hung up -- ")
+        self.assertRegex(lines[2].decode(), r"^\[-- console up: ")
+        self.assertEqual(lines[3:], [b"Linux", b""])
+        self.assertEqual(sink.bytes_written, len(written))
+
+    def test_no_descriptor_with_marks_or_failing(self) -> None:
+        """
+        With MARK lines on, or while the file fails, the worker gets no descriptor: the
+        sink must see each chunk first.
+        """
+        sink = self.make_sink()
+        self.assertIsNotNone(sink.worker_descriptor())
+        sink.mark_after = 60.0
+        self.assertIsNone(sink.worker_descriptor())
+        sink.mark_after = 0.0
+        sink._failing = True
+        self.assertIsNone(sink.worker_descriptor())
+
+
 class MarkTests(SynchronousTestCase):
     """--log-timestamps: a MARK line after N minutes of silence and when output resumes."""
 

@@ -682,6 +682,32 @@ class DetachAndCountTests(SynchronousTestCase):
         self.assertEqual(viewer.counts, [1, 2])
         self.assertEqual(sink.counts, [])
 
+    def test_device_told_when_watched(self) -> None:
+        """
+        The device learns whether anyone watches (so a read worker may read it while
+        nobody does): at console_up and whenever the viewer count goes to or from 0;
+        the log file does not count.
+        """
+        multiplexer = Multiplexer(100)
+        pty = FakePty()
+        pty.watched = True
+        multiplexer.console_up(pty)
+        self.assertFalse(pty.watched)
+        attach(multiplexer, FakeClient(), viewer=False)
+        self.assertFalse(pty.watched)
+        first = attach(multiplexer, FakeClient())
+        self.assertTrue(pty.watched)
+        second = attach(multiplexer, FakeClient())
+        first.detach()
+        self.assertTrue(pty.watched)
+        second.detach()
+        self.assertFalse(pty.watched)
+        attach(multiplexer, FakeClient())
+        again = FakePty()
+        multiplexer.console_down("rebooting")
+        multiplexer.console_up(again)
+        self.assertTrue(again.watched)
+
     def test_non_viewer_gets_output(self) -> None:
         """A non-viewer attachment still gets history and live output."""
         multiplexer = Multiplexer(100)

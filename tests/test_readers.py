@@ -7,10 +7,13 @@ hand-overs, a hang-up, a close and a worker's death. Real ptys, real worker proc
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import tty
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +25,7 @@ from cloud_console.console.device import ConsoleDevice
 from cloud_console.console.readers import ReadWorkers
 from cloud_console.console.readworker import RECORDS_PER_MESSAGE
 
-from .helpers import Guest, capture_log
+from .helpers import FileWatch, Guest, Server, capture_log, connect_v1, free_port, serve_process
 
 
 class Output:
@@ -73,7 +76,7 @@ class ReadWorkerTests(TestCase):
 
     timeout = 60
 
-    def setUp(self) -> None:
+    def setUp(self) -> defer.Deferred[None]:
         self.workers = ReadWorkers(1, reactor)
         self.workers.startService()
         self.addCleanup(self._stop_workers)
@@ -95,6 +98,7 @@ class ReadWorkerTests(TestCase):
             log_descriptor=lambda: self.log_fd,
         )
         self.addCleanup(self.device.close)
+        return _until(lambda: all(worker.ready for worker in self.workers.workers))
 
     def _stop_workers(self) -> defer.Deferred[None]:
         processes = [w.process for w in self.workers.workers]
@@ -173,14 +177,14 @@ class ReadWorkerTests(TestCase):
         data = payload(b"closing", 60_000)
         await self.guest.write(data)
         self.device.close()
-        # Whatever was not read yet is still in the pty; what was read arrived.
-        os.set_blocking(self.guest.slave, False)
+        # Whatever was not read yet is still in the pty (or on its way to the slave's
+        # side, which the kernel does on its own time); what was read arrived.
         left = b""
-        while True:
-            try:
-                left += os.read(self.guest.slave, 65536)
-            except BlockingIOError:
+        while len(self.output.data) + len(left) < len(data):
+            readable, _, _ = select.select([self.guest.slave], [], [], 10)
+            if not readable:
                 break
+            left += os.read(self.guest.slave, 65536)
         self.assertEqual(bytes(self.output.data) + left, data)
         self.assertEqual(self.output.lost, [])
 
@@ -243,6 +247,39 @@ class ReadWorkerTests(TestCase):
             self.assertEqual(bytes(output.logged), b"")
 
 
+class NotReadyTests(TestCase):
+    """A worker starting up: its consoles are read here meanwhile, then handed over."""
+
+    timeout = 60
+
+    async def test_read_here_until_ready(self) -> None:
+        workers = ReadWorkers(1, reactor)
+        workers.startService()
+        process = workers.workers[0].process
+        self.addCleanup(lambda: (workers.stopService(), _exited(process))[1])
+        guest = Guest()
+        self.addCleanup(guest.close)
+        output = Output()
+        device = ConsoleDevice(
+            _open_raw(guest.path),
+            "pty",
+            output.received,
+            output.ended,
+            reactor=reactor,
+            workers=workers,
+        )
+        self.addCleanup(device.close)
+        device.set_watched(False)
+        device.startReading()
+        self.assertFalse(device.read_by_worker)
+        await guest.write(b"early\r\n")
+        await output.holds(7)
+        await _until(lambda: device.read_by_worker)
+        await guest.write(b"later\r\n")
+        await output.holds(14)
+        self.assertEqual(bytes(output.data), b"early\r\nlater\r\n")
+
+
 class WorkerCommandLineTests(SynchronousTestCase):
     def test_usage(self) -> None:
         """Run by hand without its arguments: a usage line and status 1."""
@@ -261,7 +298,7 @@ class WorkerCommandLineTests(SynchronousTestCase):
 def _open_raw(path: str) -> int:
     """The slave, opened as cloud-console opens a console: non-blocking, raw."""
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: that would drop input waiting there
     return fd
 
 
@@ -282,3 +319,101 @@ def _until(condition: Callable[[], bool]) -> defer.Deferred[None]:
 
     check()
     return d
+
+
+class FleetWorkerTests(TestCase):
+    """A real fleet process with a read worker: logs, a viewer, logrotate, a crash."""
+
+    timeout = 90
+
+    async def serve(self, *extra: str) -> tuple[Server, list[Guest], Path]:
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        guests = [Guest() for _ in range(3)]
+        for guest in guests:
+            self.addCleanup(guest.close)
+            guest.start_reading()
+        self.port = free_port()
+        args = [
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--log-dir",
+            str(directory),
+            "--read-workers",
+            "1",
+            *extra,
+        ]
+        for i, guest in enumerate(guests):
+            args += ["--console", f"vm{i}={guest.path}"]
+        server = await serve_process(self, args)
+        await server.log_line(lambda err: b"read worker 0 started" in err)
+        return server, guests, directory
+
+    async def test_logs_viewer_and_logrotate(self) -> None:
+        """
+        Unwatched consoles are logged whole by the worker; a page attached meanwhile
+        gets the history and then every byte, typed input reaches the guest; after a
+        logrotate and SIGHUP the new output goes to the new file, nothing lost or doubled.
+        """
+        server, guests, directory = await self.serve()
+        first = [payload(b"vm%d" % i, 50_000) for i in range(3)]
+        for guest, data in zip(guests, first):
+            await guest.write(data)
+        for i, data in enumerate(first):
+            await _file_holds(self, directory / f"vm{i}.log", data)
+        page = await connect_v1(self.port, "/c/vm0/ws")
+        self.addCleanup(page.transport.abortConnection)
+        await page.wait_text(first[0][-30:].decode())
+        second = payload(b"watched", 30_000)
+        await guests[0].write(second)
+        await page.wait_text(second[-30:].decode())
+        page.type(b"uname\r")
+        await guests[0].receives(lambda data: data.endswith(b"uname\r"))
+        os.rename(directory / "vm1.log", directory / "vm1.log.1")
+        server.signal("HUP")
+        await server.log_line(lambda err: err.count(b"reopened") >= 3)
+        third = payload(b"rotated", 20_000)
+        await guests[1].write(third)
+        await _file_holds(self, directory / "vm1.log", third)
+        self.assertEqual((directory / "vm1.log.1").read_bytes(), first[1])
+        self.assertEqual((directory / "vm0.log").read_bytes(), first[0] + second)
+        self.assertEqual(bytes(page.stream), first[0] + second)
+
+    async def test_worker_ends_with_the_server(self) -> None:
+        """kill -9 of the server: its worker ends too, reading nothing more."""
+        server, guests, _ = await self.serve()
+        match = re.search(rb"read worker 0 started \(pid (\d+)\)", server.stderr)
+        assert match is not None
+        worker = int(match.group(1))
+        server.signal("KILL")
+        await server.ended
+        await _until(lambda: not _alive(worker))
+        # What the guest writes now waits in the pty for the next process.
+        await guests[2].write(b"after the crash\r\n")
+        fd = _open_raw(guests[2].path)
+        self.addCleanup(os.close, fd)
+        # The kernel hands the bytes to the slave's side on its own time: wait for them.
+        readable, _, _ = select.select([fd], [], [], 30)
+        self.assertEqual(readable, [fd])
+        self.assertEqual(os.read(fd, 100), b"after the crash\r\n")
+
+
+def _file_holds(test: TestCase, path: Path, data: bytes) -> defer.Deferred[None]:
+    """Fires once the file at C{path} holds exactly C{data} (looked at as inotify says)."""
+
+    def holds(lines: list[str]) -> bool:
+        try:
+            return path.read_bytes() == data
+        except FileNotFoundError:
+            return False
+
+    return FileWatch(test, path).wait_for(holds)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process C{pid} runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -85,6 +85,16 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--static-dir", "/nonexistent")
         self.assertIn("--static-dir", str(e))
 
+    def test_read_workers(self) -> None:
+        """--read-workers: auto by default, a count from 0 to 64, nothing else."""
+        self.assertEqual(parse("--pty", "/dev/pts/1")["read-workers"], "auto")
+        for value, count in (("0", 0), ("3", 3), ("64", 64), ("auto", "auto")):
+            self.assertEqual(parse("--pty", "/dev/pts/1", "--read-workers", value)["read-workers"], count)
+        for value in ("-1", "65", "two", "1.5", "Auto"):
+            e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--read-workers", value)
+            self.assertIn("--read-workers", str(e))
+            self.assertIn(value, str(e))
+
     def test_state_dir(self) -> None:
         """--state-dir must be a writable directory; it is kept as given."""
         e = self.assertRaises(UsageError, parse, "--pty", "/dev/pts/1", "--state-dir", "/nonexistent")

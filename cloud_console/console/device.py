@@ -305,6 +305,11 @@ class ConsoleDevice(FileDescriptor):
         if self._wants_reading and self.fd >= 0:
             self.startReading()
 
+    def workers_ready(self) -> None:
+        """A read worker can take this console now: it does, if nobody watches it."""
+        if not self._watched:
+            self.set_watched(False)
+
     def remote_end(self, code: int) -> None:
         """The worker saw the console hang up (0) or fail (an errno)."""
         self._reader = _HERE

@@ -26,7 +26,18 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .readworker import ADOPT, COMMAND, DATA, END, LOGGED, MAX_MESSAGE, RECORD, RELEASE, RELEASED
+from .readworker import (
+    ADOPT,
+    COMMAND,
+    DATA,
+    END,
+    LOGGED,
+    MAX_MESSAGE,
+    READY,
+    RECORD,
+    RELEASE,
+    RELEASED,
+)
 
 #: Messages taken from one worker per reactor turn (each holds at most
 #: L{cloud_console.console.readworker.RECORDS_PER_MESSAGE} records), so that a storm read
@@ -55,6 +66,9 @@ class RemotelyRead(Protocol):
 
     def remote_released(self) -> None:
         """The worker let go as asked; every byte it read has been given."""
+
+    def workers_ready(self) -> None:
+        """A worker can take the console now (it was read here while none could)."""
 
 
 def _parse(message: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -102,6 +116,8 @@ class _Worker(FileDescriptor):
         self.devices: dict[int, RemotelyRead] = {}
         self._commands: list[tuple[bytes, list[int]]] = []
         self.ended = False
+        #: The worker runs and takes consoles (it said C{READY}).
+        self.ready = False
         self.connected = 1
         argv = [
             sys.executable, "-m", "cloud_console.console.readworker", "3", str(os.getpid())
@@ -177,6 +193,10 @@ class _Worker(FileDescriptor):
         """Hand a message's records to their consoles; the ids released in it."""
         released = []
         for console, kind, length, data in _parse(message):
+            if kind == READY:
+                self.ready = True
+                self.pool.worker_ready(self)
+                continue
             device = self.devices.get(console)
             if kind == DATA or kind == LOGGED:
                 if device is not None:
@@ -262,6 +282,8 @@ class ReadWorkers(Service):
         self.owner: dict[int, _Worker] = {}
         self._ids: dict[int, int] = {}  # id(device) -> console id
         self._next_id = 0
+        #: Devices that asked while no worker was ready: read here, offered again later.
+        self._waiting: list[RemotelyRead] = []
 
     def startService(self) -> None:
         Service.startService(self)
@@ -282,8 +304,11 @@ class ReadWorkers(Service):
 
     def adopt(self, device: RemotelyRead) -> bool:
         """Have a worker read C{device}; C{False} when none can (read it yourself)."""
-        live = [w for w in self.workers if not w.ended]
-        if not self.running or not live:
+        if not self.running:
+            return False
+        live = [w for w in self.workers if w.ready and not w.ended]
+        if not live:
+            self._waiting.append(device)
             return False
         worker = min(live, key=lambda w: len(w.devices))
         key = id(device)
@@ -299,6 +324,13 @@ class ReadWorkers(Service):
         log = device.log_descriptor()
         worker.command(ADOPT, console, [device.fileno()] + ([log] if log is not None else []))
         return True
+
+    def worker_ready(self, worker: _Worker) -> None:
+        """A worker runs: the consoles read here meanwhile may go to it now."""
+        self._log.info("read worker {number} ready", number=worker.number)
+        waiting, self._waiting = self._waiting, []
+        for device in waiting:
+            device.workers_ready()
 
     def ended(self, device: RemotelyRead) -> None:
         """C{device}'s console ended in a worker: forget it."""
@@ -337,6 +369,7 @@ class ReadWorkers(Service):
     def stopService(self) -> None:
         """Take every console back (each byte read given), then let the workers end."""
         Service.stopService(self)
+        self._waiting = []
         for worker in self.workers:
             pending = set(worker.devices)
             for console in pending:

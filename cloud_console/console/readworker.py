@@ -11,7 +11,7 @@ turn instead of a thousand descriptors, and reads the watched consoles itself as
 
 The worker holds nothing but bytes in flight: the main process keeps every descriptor, the
 history, the log and the clients; a worker that dies loses at most what it had read and
-not yet sent (L{READ_SIZE} per console and one message), and the main process starts
+not yet sent (L{READ_PER_TURN} per console and one message), and the main process starts
 another. It dies with the main process (C{PR_SET_PDEATHSIG}), so that after a crash the
 guests' output waits in the kernel for the next process, not in a worker.
 
@@ -22,8 +22,9 @@ The wire, one C{SOCK_SEQPACKET} socket pair per worker (so messages keep their b
   - worker to main, a message of records C{(id, kind, length)}, each followed by
     C{length} bytes of output for C{DATA} (not logged) and C{LOGGED} (already in the log
     file): C{END} (the console hung up (C{length} 0) or failed (C{length} is the errno);
-    the worker has let go of it), and C{RELEASED} (the answer to C{RELEASE}: every byte
-    read from that console was sent before it).
+    the worker has let go of it), C{RELEASED} (the answer to C{RELEASE}: every byte
+    read from that console was sent before it), and C{READY}, first, once the worker
+    runs (until then the main process reads the consoles itself).
 
 Run as C{python -m cloud_console.console.readworker FD PARENT_PID}, FD being the
 worker's end of the socket pair. It imports nothing of Twisted, to stay small.
@@ -46,14 +47,14 @@ RECORD = struct.Struct("<IBI")
 #: A command's header: operation, console id.
 COMMAND = struct.Struct("<BI")
 
-DATA, END, RELEASED, LOGGED = 0, 1, 2, 3
+DATA, END, RELEASED, LOGGED, READY = 0, 1, 2, 3, 4
 ADOPT, RELEASE = 1, 2
 
-#: Bytes asked for per read: one read per console per turn (a pty in raw mode hands out
-#: at most about 4 KiB a call, a socket more), so that every console gets its turn soon
-#: and a record always fits in a message.
-READ_SIZE = 16 * 1024
-#: A read this large means the pty had more than it hands out at once: no lingering.
+#: Most bytes read from one console per turn, so that every console gets its turn soon;
+#: what is read in a turn is logged with one write and sent as one record.
+READ_PER_TURN = 64 * 1024
+#: A read this large means the pty had more than it hands out at once (about 4 KiB in raw
+#: mode): read again, and do not linger.
 FULL_READ = 4000
 #: Seconds a turn that read only small pieces waits before the next (see L{Worker.linger}):
 #: the history's time index keeps one mark per 100 ms anyway.
@@ -61,13 +62,13 @@ LINGER = 0.1
 
 #: Largest message sent to the main process (it reads into a buffer this size); a whole
 #: read always fits.
-MAX_MESSAGE = READ_SIZE + 4096
+MAX_MESSAGE = READ_PER_TURN + 4096
 #: Most records in a message: the main process handles one message per reactor turn, and
 #: this many records take it about half a millisecond, so a watched console's echo never
 #: waits long behind the output of the consoles nobody watches.
 RECORDS_PER_MESSAGE = 64
 #: The socket buffer asked for, so that a few full messages can be in flight.
-SOCKET_BUFFER = 4 * MAX_MESSAGE
+SOCKET_BUFFER = 2 * MAX_MESSAGE
 
 _PR_SET_PDEATHSIG = 1
 
@@ -123,6 +124,8 @@ class Worker:
 
     def run(self) -> None:
         channel_fd = self.channel.fileno()
+        self.record(0, READY, b"")
+        self.flush()
         while self.running:
             poll = self.blocked_poll if self.unsent else self.poll
             try:
@@ -224,22 +227,40 @@ class Worker:
 
     def read(self, fd: int) -> None:
         """
-        Read what one console holds (one read: epoll reports it again next turn if there
-        is more), log it, and record it for the main process.
+        Read what one console holds, up to L{READ_PER_TURN} (epoll reports it again
+        next turn if there is more), log it with one write, and record it for the main
+        process as one piece.
         """
         console = self.consoles[fd]
-        try:
-            data = os.read(fd, READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.end(fd, console, 0 if e.errno == errno.EIO else (e.errno or errno.EIO))
-            return
-        if not data:
-            self.end(fd, console, 0)
-            return
-        if len(data) >= FULL_READ:
-            self.busy = True
+        pieces: list[bytes] = []
+        total = 0
+        end: int | None = None
+        while total < READ_PER_TURN:
+            try:
+                data = os.read(fd, READ_PER_TURN - total)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                end = 0 if e.errno == errno.EIO else (e.errno or errno.EIO)
+                break
+            if not data:
+                end = 0
+                break
+            pieces.append(data)
+            total += len(data)
+            if len(data) < FULL_READ:
+                break  # what was there is read: asking again would mostly find nothing
+        if pieces:
+            if total >= FULL_READ:
+                self.busy = True
+            self.output(console, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if end is not None:
+            self.end(fd, console, end)
+
+    def output(self, console: int, data: bytes) -> None:
+        """Log C{data} (if this worker logs the console) and record it."""
         log = self.logs.get(console)
         if log is None:
             self.record(console, DATA, data)
