@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloud_console.console.device import ConsoleDevice
-from cloud_console.console.readers import ReadWorkers
+from cloud_console.console.readers import ReadWorkers, _Worker
 from cloud_console.console.readworker import RECORDS_PER_MESSAGE
 
 from .helpers import FileWatch, Guest, Server, capture_log, connect_v1, free_port, serve_process
@@ -417,3 +417,39 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+class WorkerCannotStartTests(TestCase):
+    """A worker that cannot start is not restarted every second: this process reads."""
+
+    timeout = 60
+
+    async def test_read_here(self) -> None:
+        events = capture_log(self)
+        self.patch(_Worker, "module", "cloud_console.no_such_module")
+        workers = ReadWorkers(1, reactor)
+        workers.startService()
+        self.addCleanup(workers.stopService)
+        process = workers.workers[0].process
+        guest = Guest()
+        self.addCleanup(guest.close)
+        output = Output()
+        device = ConsoleDevice(
+            _open_raw(guest.path),
+            "pty",
+            output.received,
+            output.ended,
+            reactor=reactor,
+            workers=workers,
+        )
+        self.addCleanup(device.close)
+        device.set_watched(False)
+        device.startReading()
+        await _exited(process)
+        self.assertTrue(workers.workers[0].ended)
+        self.assertTrue(any("did not start" in e.get("log_format", "") for e in events))
+        await guest.write(b"still read\r\n")
+        await output.holds(12)
+        self.assertFalse(device.read_by_worker)
+        restarts = [c for c in reactor.getDelayedCalls() if c.func == workers._restart]
+        self.assertEqual(restarts, [])  # not started again

@@ -88,6 +88,18 @@ def _parse(message: bytes) -> list[tuple[int, int, int, bytes]]:
     return records
 
 
+def _worker_environment() -> dict[str, str]:
+    """
+    This process's environment, with the directory this package was imported from first
+    on the worker's path: the worker runs the same code, however this process found it
+    (an installed package, a checkout, twistd's plugin path).
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
 class _WorkerProcess(ProcessProtocol):
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
@@ -100,6 +112,8 @@ class _Worker(FileDescriptor):
     """One worker process and the main process's end of its socket pair."""
 
     _log = Logger()
+    #: What the worker process runs (C{python -m MODULE FD PARENT_PID}).
+    module = "cloud_console.console.readworker"
 
     def __init__(self, pool: ReadWorkers, number: int, reactor: Any) -> None:
         FileDescriptor.__init__(self, reactor)
@@ -120,14 +134,14 @@ class _Worker(FileDescriptor):
         self.ready = False
         self.connected = 1
         argv = [
-            sys.executable, "-m", "cloud_console.console.readworker", "3", str(os.getpid())
+            sys.executable, "-m", self.module, "3", str(os.getpid())
         ]  # fmt: skip
         try:
             self.process = reactor.spawnProcess(
                 _WorkerProcess(self),
                 sys.executable,
                 argv,
-                env=os.environ.copy(),
+                env=_worker_environment(),
                 childFDs={1: 1, 2: 2, 3: theirs.fileno()},
             )
         finally:
@@ -221,15 +235,18 @@ class _Worker(FileDescriptor):
         """
         deadline = time.monotonic() + timeout
         fd = self.socket.fileno()
+        # poll(2), not select(2): with a thousand consoles open, this descriptor is
+        # numbered above what select can watch.
+        poller = select.poll()
         while consoles and not self.ended:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            writing = [fd] if self._commands else []
-            readable, writable, _ = select.select([fd], writing, [], left)
-            if writable:
+            poller.register(fd, select.POLLIN | (select.POLLOUT if self._commands else 0))
+            events = dict(poller.poll(left * 1000))
+            if events.get(fd, 0) & select.POLLOUT:
                 self._send_commands()
-            if not readable:
+            if not events.get(fd, 0) & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 continue
             try:
                 message = self.socket.recv(MAX_MESSAGE)
@@ -404,6 +421,14 @@ class ReadWorkers(Service):
         )
         for console in list(worker.devices):
             self._forget(worker, console).remote_released()
+        if not worker.ready:
+            # It could not even start: another would fail the same way, every second.
+            self._log.error(
+                "read worker {number} did not start; the main process reads its share "
+                "of the consoles (see the worker's error above)",
+                number=worker.number,
+            )
+            return
         if worker in self.workers:
             self.reactor.callLater(RESTART_DELAY, self._restart, worker.number)
 
