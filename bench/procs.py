@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import Protocol
 import threading
 import time
 import tty
@@ -236,8 +236,12 @@ class Control:
         return channel
 
 
-if TYPE_CHECKING:
-    from scenarios import Context
+class ServerPython(Protocol):
+    """What running a script in the server's python needs of a run (its Context)."""
+
+    python: str
+    pythonpath: str
+    timeout: float
 
 
 def quit_guest(registry: Registry, guest: Channel) -> None:
@@ -251,7 +255,7 @@ def quit_guest(registry: Registry, guest: Channel) -> None:
     guest.sock.close()
 
 
-def run_in_server_python(ctx: "Context", script: str) -> dict:
+def run_in_server_python(ctx: ServerPython, script: str) -> dict:
     """
     Run a bench script (a path) with the server's python and package (it imports
     cloud_console, which the bench's own venv lacks); its JSON on stdout is the result.
