@@ -8,6 +8,7 @@ path, as it would a guest console.
 from __future__ import annotations
 
 import os
+import select
 import stat
 import termios
 
@@ -169,6 +170,19 @@ class ConsoleDeviceTests(PtyPairMixin, SynchronousTestCase):
         os.write(master, data)
         device.doRead()
         self.assertEqual(b"".join(output), data)
+
+    def test_close_reads_what_arrived(self) -> None:
+        """
+        Closing on purpose first hands on what has already arrived (a socket's unread
+        bytes would die with it; a saved history then ends where the output did).
+        """
+        device, master, output, lost = self.make_device()
+        os.write(master, b"last words before the restart\r\n")
+        # The kernel moves the bytes to the slave's side on its own time: wait for it.
+        select.select([device.fd], [], [], 10)
+        device.close()
+        self.assertEqual(b"".join(output), b"last words before the restart\r\n")
+        self.assertEqual(lost, [])
 
     def test_cooked_mode_translates(self) -> None:
         """

@@ -242,9 +242,35 @@ class ConsoleDevice(FileDescriptor):
         if self.fd < 0:
             return
         self._closing_on_purpose = True
+        if self._reader != _HERE and self._workers is not None:
+            self._workers.release_now(self)
+            self._reader = _HERE
+        self._drain()
         self.stopReading()
         self.stopWriting()
         self.connectionLost(Failure(error.ConnectionDone("closed by cloud-console")))
+
+    def _drain(self) -> None:
+        """
+        Read what has already arrived (up to L{READ_PER_TURN}), so that closing on
+        purpose loses none of it: a socket's unread bytes die with it, and a restart's
+        saved history then ends where the guest's output did.
+        """
+        pieces: list[bytes] = []
+        total = 0
+        while total < READ_PER_TURN:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except InterruptedError:
+                continue
+            except OSError:
+                break  # nothing more (EAGAIN), or it hung up: either way, closing
+            if not data:
+                break
+            pieces.append(data)
+            total += len(data)
+        if pieces:
+            self._on_output(b"".join(pieces))
 
     # -- who reads: this process or a read worker -------------------------------------
 

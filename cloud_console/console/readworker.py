@@ -206,7 +206,14 @@ class Worker:
         self.poll.register(fd, select.EPOLLIN)
 
     def release(self, console: int) -> None:
+        """
+        Give a console back: what it holds now is read and sent first (a console being
+        closed loses nothing that had already arrived), then C{RELEASED}.
+        """
         fd = self.descriptors.get(console)
+        if fd is not None:
+            self.read(fd)
+        fd = self.descriptors.get(console)  # (the read may have found it hung up)
         if fd is not None:
             self.forget(fd)
         self.record(console, RELEASED, b"")
