@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from cloud_console.console.device import ConsoleDevice
 from cloud_console.console.readers import ReadWorkers, _Worker
@@ -187,6 +188,7 @@ class ReadWorkerTests(TestCase):
             left += os.read(self.guest.slave, 65536)
         self.assertEqual(bytes(self.output.data) + left, data)
         self.assertEqual(self.output.lost, [])
+        self.assertEqual(self.workers.owner, {})  # given back for good, not taken again
 
     async def test_worker_death(self) -> None:
         """A worker killed: its console is read elsewhere, another worker starts."""
@@ -453,3 +455,49 @@ class WorkerCannotStartTests(TestCase):
         self.assertFalse(device.read_by_worker)
         restarts = [c for c in reactor.getDelayedCalls() if c.func == workers._restart]
         self.assertEqual(restarts, [])  # not started again
+
+
+class ManyDescriptorsTests(TestCase):
+    """With a thousand consoles open, a worker's socket is numbered past 1024."""
+
+    timeout = 60
+
+    async def test_release_past_select_limit(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard < 1200:
+            raise SkipTest(f"a descriptor limit of {hard} cannot go past 1024")
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        filler = []
+        null = os.open(os.devnull, os.O_RDONLY)
+        filler.append(null)
+        while filler[-1] < 1100:
+            filler.append(os.dup(null))
+        self.addCleanup(lambda: [os.close(fd) for fd in filler])
+        workers = ReadWorkers(1, reactor)
+        workers.startService()
+        process = workers.workers[0].process
+        self.addCleanup(lambda: (workers.stopService(), _exited(process))[1])
+        self.assertGreater(workers.workers[0].fileno(), 1024)
+        await _until(lambda: workers.workers[0].ready)
+        guest = Guest()
+        self.addCleanup(guest.close)
+        output = Output()
+        device = ConsoleDevice(
+            _open_raw(guest.path),
+            "pty",
+            output.received,
+            output.ended,
+            reactor=reactor,
+            workers=workers,
+        )
+        device.set_watched(False)
+        device.startReading()
+        self.assertTrue(device.read_by_worker)
+        await guest.write(b"read by the worker\r\n")
+        await output.holds(20)
+        device.close()  # waits for the worker's answer on that descriptor
+        self.assertEqual(device.fd, -1)
+        self.assertEqual(bytes(output.data), b"read by the worker\r\n")
+        self.assertEqual(workers.owner, {})

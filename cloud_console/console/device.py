@@ -242,6 +242,7 @@ class ConsoleDevice(FileDescriptor):
         if self.fd < 0:
             return
         self._closing_on_purpose = True
+        self._wants_reading = False  # given back by a worker, it is not read again
         if self._reader != _HERE and self._workers is not None:
             self._workers.release_now(self)
             self._reader = _HERE
@@ -446,6 +447,7 @@ class ConsoleDevice(FileDescriptor):
         """Restore the terminal, close the descriptor, and report why the console ended."""
         if self._reader != _HERE and self._workers is not None:
             # What the worker read of it is the guest's too: take it before closing.
+            self._wants_reading = False
             self._workers.release_now(self)
             self._reader = _HERE
         FileDescriptor.connectionLost(self, reason)
