@@ -37,8 +37,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from ..console.logfile import write_all
 from ..console.multiplexer import ClientLabel
+from ..console.writing import write_all
 
 #: Seconds of typing coalesced into one C{input} event per attachment.
 BURST = 1.0

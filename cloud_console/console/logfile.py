@@ -26,23 +26,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .multiplexer import Attachment, Chunk, IConsoleClient, Multiplexer, iso_time
+from .writing import write_all
 
-
-def write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
-    """
-    Write all of C{data} to C{fd} (a blocking file: short writes go on, EINTR is
-    retried); the bytes written, and the error that stopped it, if one did.
-    """
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
-        try:
-            done += os.write(fd, view[done:])
-        except InterruptedError:
-            continue
-        except OSError as e:
-            return done, e
-    return done, None
 
 class LogFileError(Exception):
     """The log file cannot be opened: a message an operator can act on."""

@@ -42,6 +42,8 @@ import struct
 import sys
 import time
 
+from .writing import write_all
+
 #: A record's header: console id, kind, length (for END: the errno).
 RECORD = struct.Struct("<IBI")
 #: A command's header: operation, console id.
@@ -71,20 +73,6 @@ RECORDS_PER_MESSAGE = 64
 SOCKET_BUFFER = 2 * MAX_MESSAGE
 
 _PR_SET_PDEATHSIG = 1
-
-
-def _write_all(fd: int, data: bytes) -> int:
-    """Write C{data} to a log file; how much was written before an error stopped it."""
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
-        try:
-            done += os.write(fd, view[done:])
-        except InterruptedError:
-            continue
-        except OSError:
-            break
-    return done
 
 
 def _die_with_parent() -> None:
@@ -272,7 +260,7 @@ class Worker:
         if log is None:
             self.record(console, DATA, data)
             return
-        done = _write_all(log, data)
+        done, _ = write_all(log, data)
         if done == len(data):
             self.record(console, LOGGED, data)
             return
