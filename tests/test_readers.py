@@ -72,39 +72,58 @@ def payload(label: bytes, size: int) -> bytes:
     return lines[:size]
 
 
+def start_workers(test: TestCase, count: int = 1) -> ReadWorkers:
+    """C{count} real worker processes, stopped (and waited for) at the test's end."""
+    workers = ReadWorkers(count, reactor)
+    workers.startService()
+    processes = [worker.process for worker in workers.workers]
+
+    def stop() -> defer.Deferred[None]:
+        workers.stopService()
+        return defer.DeferredList([_exited(p) for p in processes]).addCallback(lambda _: None)
+
+    test.addCleanup(stop)
+    return workers
+
+
+def console(
+    test: TestCase, workers: ReadWorkers, log_fd: int | None = None, watched: bool | None = None
+) -> tuple[Guest, Output, ConsoleDevice]:
+    """
+    A guest's pty and the device reading it through C{workers} (logging to C{log_fd}),
+    closed at the test's end; reading from the start if C{watched} is given.
+    """
+    guest = Guest()
+    test.addCleanup(guest.close)
+    output = Output()
+    device = ConsoleDevice(
+        _open_raw(guest.path),  # its own descriptor of the slave, as a console's
+        "pty test",
+        output.received,
+        output.ended,
+        reactor=reactor,
+        workers=workers,
+        log_descriptor=lambda: log_fd,
+    )
+    test.addCleanup(device.close)
+    if watched is not None:
+        device.set_watched(watched)
+        device.startReading()
+    return guest, output, device
+
+
 class ReadWorkerTests(TestCase):
     """One worker process, real ptys, the trial reactor."""
 
     timeout = 60
 
     def setUp(self) -> defer.Deferred[None]:
-        self.workers = ReadWorkers(1, reactor)
-        self.workers.startService()
-        self.addCleanup(self._stop_workers)
-        self.guest = Guest()
-        self.addCleanup(self.guest.close)
-        self.output = Output()
+        self.workers = start_workers(self)
         self.log_path = Path(tempfile.mkdtemp()) / "console.log"
         self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.addCleanup(os.close, self.log_fd)
-        # The device reads its own descriptor of the slave, as a console would.
-        fd = _open_raw(self.guest.path)
-        self.device = ConsoleDevice(
-            fd,
-            "pty test",
-            self.output.received,
-            self.output.ended,
-            reactor=reactor,
-            workers=self.workers,
-            log_descriptor=lambda: self.log_fd,
-        )
-        self.addCleanup(self.device.close)
+        self.guest, self.output, self.device = console(self, self.workers, self.log_fd)
         return _until(lambda: all(worker.ready for worker in self.workers.workers))
-
-    def _stop_workers(self) -> defer.Deferred[None]:
-        processes = [w.process for w in self.workers.workers]
-        self.workers.stopService()
-        return defer.DeferredList([_exited(p) for p in processes]).addCallback(lambda _: None)
 
     def start_unwatched(self) -> None:
         self.device.set_watched(False)
@@ -227,16 +246,7 @@ class ReadWorkerTests(TestCase):
         guests = []
         outputs = []
         for _ in range(count):
-            guest = Guest()
-            self.addCleanup(guest.close)
-            output = Output()
-            fd = _open_raw(guest.path)
-            device = ConsoleDevice(
-                fd, "pty", output.received, output.ended, reactor=reactor, workers=self.workers
-            )
-            self.addCleanup(device.close)
-            device.set_watched(False)
-            device.startReading()
+            guest, output, _ = console(self, self.workers, watched=False)
             guests.append(guest)
             outputs.append(output)
         for i, guest in enumerate(guests):
@@ -255,24 +265,8 @@ class NotReadyTests(TestCase):
     timeout = 60
 
     async def test_read_here_until_ready(self) -> None:
-        workers = ReadWorkers(1, reactor)
-        workers.startService()
-        process = workers.workers[0].process
-        self.addCleanup(lambda: (workers.stopService(), _exited(process))[1])
-        guest = Guest()
-        self.addCleanup(guest.close)
-        output = Output()
-        device = ConsoleDevice(
-            _open_raw(guest.path),
-            "pty",
-            output.received,
-            output.ended,
-            reactor=reactor,
-            workers=workers,
-        )
-        self.addCleanup(device.close)
-        device.set_watched(False)
-        device.startReading()
+        workers = start_workers(self)
+        guest, output, device = console(self, workers, watched=False)
         self.assertFalse(device.read_by_worker)
         await guest.write(b"early\r\n")
         await output.holds(7)
@@ -429,24 +423,9 @@ class WorkerCannotStartTests(TestCase):
     async def test_read_here(self) -> None:
         events = capture_log(self)
         self.patch(_Worker, "module", "cloud_console.no_such_module")
-        workers = ReadWorkers(1, reactor)
-        workers.startService()
-        self.addCleanup(workers.stopService)
+        workers = start_workers(self)
         process = workers.workers[0].process
-        guest = Guest()
-        self.addCleanup(guest.close)
-        output = Output()
-        device = ConsoleDevice(
-            _open_raw(guest.path),
-            "pty",
-            output.received,
-            output.ended,
-            reactor=reactor,
-            workers=workers,
-        )
-        self.addCleanup(device.close)
-        device.set_watched(False)
-        device.startReading()
+        guest, output, device = console(self, workers, watched=False)
         await _exited(process)
         self.assertTrue(workers.workers[0].ended)
         self.assertTrue(any("did not start" in e.get("log_format", "") for e in events))
@@ -475,25 +454,10 @@ class ManyDescriptorsTests(TestCase):
         while filler[-1] < 1100:
             filler.append(os.dup(null))
         self.addCleanup(lambda: [os.close(fd) for fd in filler])
-        workers = ReadWorkers(1, reactor)
-        workers.startService()
-        process = workers.workers[0].process
-        self.addCleanup(lambda: (workers.stopService(), _exited(process))[1])
+        workers = start_workers(self)
         self.assertGreater(workers.workers[0].fileno(), 1024)
         await _until(lambda: workers.workers[0].ready)
-        guest = Guest()
-        self.addCleanup(guest.close)
-        output = Output()
-        device = ConsoleDevice(
-            _open_raw(guest.path),
-            "pty",
-            output.received,
-            output.ended,
-            reactor=reactor,
-            workers=workers,
-        )
-        device.set_watched(False)
-        device.startReading()
+        guest, output, device = console(self, workers, watched=False)
         self.assertTrue(device.read_by_worker)
         await guest.write(b"read by the worker\r\n")
         await output.holds(20)
