@@ -11,6 +11,7 @@ import re
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,10 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from cloud_console.console import readworker
 from cloud_console.console.device import ConsoleDevice
-from cloud_console.console.readers import ReadWorkers, _Worker
-from cloud_console.console.readworker import RECORDS_PER_MESSAGE
+from cloud_console.console.readers import ReadWorkers, _parse, _Worker
+from cloud_console.console.readworker import DATA, MAX_MESSAGE, RECORDS_PER_MESSAGE, Worker
 
 from .helpers import FileWatch, Guest, Server, capture_log, connect_v1, free_port, serve_process
 
@@ -465,3 +467,59 @@ class ManyDescriptorsTests(TestCase):
         self.assertEqual(device.fd, -1)
         self.assertEqual(bytes(output.data), b"read by the worker\r\n")
         self.assertEqual(workers.owner, {})
+
+
+class GatherTests(SynchronousTestCase):
+    """The worker's loop, in this process: a busy console's gathered output goes out."""
+
+    def setUp(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        self.main = ours
+        self.worker = Worker(theirs)
+        self.master, slave = os.openpty()
+        self.addCleanup(os.close, self.master)
+        self.addCleanup(os.close, slave)
+        tty.setraw(slave, termios.TCSANOW)
+        fd = os.open(os.ttyname(slave), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        self.worker.adopt(7, fd, None)
+        self.slave = slave
+
+    def received(self) -> list[tuple[int, int, int, bytes]]:
+        records = []
+        while True:
+            try:
+                message = self.main.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return records
+            records += _parse(message)
+
+    def arrive(self, data: bytes) -> None:
+        """Write C{data} as the guest; return once the console's side can read it."""
+        os.write(self.master, data)
+        select.select([self.slave], [], [], 10)
+
+    def test_busy_console_then_silence(self) -> None:
+        """
+        A console whose reads were all full (it kept the worker busy) and then went
+        silent: what it gathered goes out in the next turn, not when it next prints.
+        """
+        self.patch(readworker, "FULL_READ", 10)
+        self.arrive(b"0123456789abcdef")
+        self.worker.turn()
+        self.assertEqual(self.worker.gathered, {7: [b"0123456789abcdef"]})
+        self.assertEqual(self.received(), [])
+        self.worker.turn()  # nothing new: the gathered output is due
+        self.assertEqual(self.received(), [(7, DATA, 16, b"0123456789abcdef")])
+        self.assertEqual(self.worker.gathered, {})
+
+    def test_gathered_then_short_read(self) -> None:
+        """A full read, then a short one: both go out together, in order."""
+        self.patch(readworker, "FULL_READ", 10)
+        self.arrive(b"0123456789abcdef")
+        self.worker.turn()
+        self.arrive(b"xyz")
+        self.worker.turn()  # (then lingers its 0.1 s: all it read was small)
+        self.assertEqual(self.received(), [(7, DATA, 19, b"0123456789abcdefxyz")])

@@ -6,12 +6,13 @@ Why: one process reading a host's consoles spends most of its time in read(2) on
 in the reactor's dispatch of each one, on one core. During a boot storm that made an
 operator's echo on a quiet console wait for turns of a thousand consoles. A worker reads
 the unwatched consoles on another core, in a loop with no reactor, writes their log files,
-and sends one message per turn carrying every console's bytes; the main process then handles a few messages per
-turn instead of a thousand descriptors, and reads the watched consoles itself as before.
+and sends their bytes in a few messages per turn; the main process then handles a few
+messages per turn instead of a thousand descriptors, and reads the watched consoles
+itself as before.
 
 The worker holds nothing but bytes in flight: the main process keeps every descriptor, the
 history, the log and the clients; a worker that dies loses at most what it had read and
-not yet sent (L{READ_PER_TURN} per console and one message), and the main process starts
+not yet sent (L{GATHER} per console and one message), and the main process starts
 another. It dies with the main process (C{PR_SET_PDEATHSIG}), so that after a crash the
 guests' output waits in the kernel for the next process, not in a worker.
 
@@ -52,12 +53,15 @@ COMMAND = struct.Struct("<BI")
 DATA, END, RELEASED, LOGGED, READY = 0, 1, 2, 3, 4
 ADOPT, RELEASE = 1, 2
 
-#: Most bytes read from one console per turn, so that every console gets its turn soon;
-#: what is read in a turn is logged with one write and sent as one record.
+#: Bytes asked for in a console's one read per turn (a pty hands out about 4 KiB, a
+#: socket more); a record always fits in a message.
 READ_PER_TURN = 64 * 1024
 #: A read this large means the pty had more than it hands out at once (about 4 KiB in raw
-#: mode): read again, and do not linger.
+#: mode): the console is busy, so gather and do not linger.
 FULL_READ = 4000
+#: Most bytes a busy console gathers before they are logged and sent (one write, one
+#: record), so that a storm costs a write per 64 KiB, not per 4 KiB read.
+GATHER = 64 * 1024
 #: Seconds a turn that read only small pieces waits before the next (see L{Worker.linger}):
 #: the history's time index keeps one mark per 100 ms anyway.
 LINGER = 0.1
@@ -104,6 +108,11 @@ class Worker:
         self.consoles: dict[int, int] = {}  # descriptor -> console id
         self.descriptors: dict[int, int] = {}  # console id -> descriptor
         self.logs: dict[int, int] = {}  # console id -> its log file, if the worker logs it
+        #: What consoles that keep filling their reads have gathered, not yet sent.
+        self.gathered: dict[int, list[bytes]] = {}
+        self.gathered_size: dict[int, int] = {}
+        #: The consoles read in this turn.
+        self.read_now: set[int] = set()
         self.records: list[bytes] = []
         self.size = 0
         self.count = 0
@@ -111,28 +120,39 @@ class Worker:
         self.running = True
 
     def run(self) -> None:
-        channel_fd = self.channel.fileno()
         self.record(0, READY, b"")
         self.flush()
         while self.running:
-            poll = self.blocked_poll if self.unsent else self.poll
-            try:
-                events = poll.poll()
-            except InterruptedError:
-                continue
-            self.busy = False
-            read = False
-            for fd, _ in events:
-                if fd == channel_fd:
-                    self.commands()
-                    if not self.running:
-                        return
-                elif fd in self.consoles:
-                    self.read(fd)
-                    read = True
-            self.flush()
-            if read and not self.busy and not self.unsent:
-                self.linger()
+            self.turn()
+
+    def turn(self) -> None:
+        """
+        One turn: wait for the consoles (or, with output gathered, just look), read
+        each ready one once, send what is due, and linger if it was all small pieces.
+        """
+        poll = self.blocked_poll if self.unsent else self.poll
+        try:
+            # What a console gathered goes out in the next turn it is not read in.
+            events = poll.poll(0 if self.gathered else -1)
+        except InterruptedError:
+            return
+        self.busy = False
+        read = False
+        self.read_now.clear()
+        channel_fd = self.channel.fileno()
+        for fd, _ in events:
+            if fd == channel_fd:
+                self.commands()
+                if not self.running:
+                    return
+            elif fd in self.consoles:
+                self.read(fd)
+                read = True
+        for console in [c for c in self.gathered if c not in self.read_now]:
+            self.send_gathered(console)
+        self.flush()
+        if read and not self.busy and not self.unsent:
+            self.linger()
 
     def linger(self) -> None:
         """
@@ -207,7 +227,9 @@ class Worker:
         self.record(console, RELEASED, b"")
 
     def forget(self, fd: int) -> None:
-        console = self.consoles.pop(fd)
+        console = self.consoles[fd]
+        self.send_gathered(console)  # before its END or RELEASED, and while its log is open
+        del self.consoles[fd]
         del self.descriptors[console]
         log = self.logs.pop(console, None)
         if log is not None:
@@ -222,37 +244,47 @@ class Worker:
 
     def read(self, fd: int) -> None:
         """
-        Read what one console holds, up to L{READ_PER_TURN} (epoll reports it again
-        next turn if there is more), log it with one write, and record it for the main
-        process as one piece.
+        Read what one console holds now, once: epoll reports it again next turn if there
+        is more, by when the kernel has moved more into the pty's line discipline (a
+        second read at once would wait for that, in the kernel, while nothing else
+        happens). A console that filled its read keeps gathering, up to L{GATHER}, and
+        is then logged with one write and sent as one record; one that was emptied is
+        sent at once.
         """
         console = self.consoles[fd]
-        pieces: list[bytes] = []
-        total = 0
-        end: int | None = None
-        while total < READ_PER_TURN:
-            try:
-                data = os.read(fd, READ_PER_TURN - total)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as e:
-                end = 0 if e.errno == errno.EIO else (e.errno or errno.EIO)
-                break
-            if not data:
-                end = 0
-                break
-            pieces.append(data)
-            total += len(data)
-            if len(data) < FULL_READ:
-                break  # what was there is read: asking again would mostly find nothing
+        self.read_now.add(console)
+        try:
+            data = os.read(fd, READ_PER_TURN)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.end(fd, console, 0 if e.errno == errno.EIO else (e.errno or errno.EIO))
+            return
+        if not data:
+            self.end(fd, console, 0)
+            return
+        gathered = self.gathered.get(console)
+        if len(data) >= FULL_READ:
+            self.busy = True
+            if gathered is None:
+                self.gathered[console] = gathered = []
+            gathered.append(data)
+            self.gathered_size[console] = size = self.gathered_size.get(console, 0) + len(data)
+            if size >= GATHER:
+                self.send_gathered(console)
+            return
+        if gathered is not None:
+            gathered.append(data)
+            self.send_gathered(console)
+        else:
+            self.output(console, data)
+
+    def send_gathered(self, console: int) -> None:
+        """Log and record what C{console} gathered, as one piece."""
+        pieces = self.gathered.pop(console, None)
+        self.gathered_size.pop(console, None)
         if pieces:
-            if total >= FULL_READ:
-                self.busy = True
             self.output(console, pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        if end is not None:
-            self.end(fd, console, end)
 
     def output(self, console: int, data: bytes) -> None:
         """Log C{data} (if this worker logs the console) and record it."""
