@@ -777,8 +777,10 @@ class BrowserTests(BrowserHarness):
             self.guest.wait_written(total * k // (rounds + 1))
             started = time.monotonic()
             page.keyboard.press("p")
+            # A bound against a hang, not the measure: the median below is (one key slow
+            # behind a loaded machine's hiccup must not decide, as the docstring says).
             page.wait_for_function(
-                f"key => ({SCREEN_ROWS})().includes(key)", arg=f"key {k}", timeout=10_000
+                f"key => ({SCREEN_ROWS})().includes(key)", arg=f"key {k}", timeout=60_000
             )
             latencies.append(time.monotonic() - started)
             page.keyboard.press("g")
