@@ -395,6 +395,28 @@ class FleetWorkerTests(TestCase):
         self.assertEqual(readable, [fd])
         self.assertEqual(os.read(fd, 100), b"after the crash\r\n")
 
+    async def test_stop_signal_to_every_process(self) -> None:
+        """
+        SIGTERM to the server and its worker at once (systemd's stop without
+        KillMode=mixed): the worker waits for the server, which takes its consoles back
+        with every byte read, and both end cleanly.
+        """
+        server, guests, directory = await self.serve()
+        await server.log_line(lambda err: b"read worker 0 ready" in err)
+        match = re.search(rb"read worker 0 started \(pid (\d+)\)", server.stderr)
+        assert match is not None
+        worker = int(match.group(1))
+        data = payload(b"stopping", 40_000)
+        await guests[0].write(data)
+        await _file_holds(self, directory / "vm0.log", data)
+        os.kill(worker, signal.SIGTERM)
+        server.signal("TERM")
+        self.assertEqual(await server.ended, 0)
+        await _until(lambda: not _alive(worker))
+        self.assertNotIn(b"read worker 0 ended", server.stderr)
+        self.assertNotIn(b"did not give", server.stderr)
+        self.assertEqual((directory / "vm0.log").read_bytes()[: len(data)], data)
+
 
 def _file_holds(test: TestCase, path: Path, data: bytes) -> defer.Deferred[None]:
     """Fires once the file at C{path} holds exactly C{data} (looked at as inotify says)."""

@@ -347,7 +347,12 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != int(argv[2]):
         return 0  # the main process died before the kernel could be told to end this one
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the main process's
+    # Stopping is the main process's to decide: systemd's stop (SIGTERM to every process
+    # of the unit), a terminal's ^C or hang-up reach this process too, and dying then
+    # would lose what it had read and not yet sent. It ends when the main process closes
+    # its socket (having taken every console back), or dies with it.
+    for name in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(name, signal.SIG_IGN)
     channel = socket.socket(fileno=int(argv[1]))
     try:
         channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
