@@ -40,7 +40,7 @@ from .ssh.auth import Keyring
 from .ssh.factory import ConsoleSSHFactory
 from .ssh.hostkey import HostKeyError, load_or_create_host_key
 from .ssh.session import ConsoleDirectory, SSHDoor, SSHSettings
-from .web.metrics import FrontCounts, RefusalCounts
+from .web.metrics import FrontCounts, RefusalCounts, WorkerCounts
 from .web.origin import OriginPolicy
 from .web.site import ConsoleSite, FleetResources, build_fleet_site, build_site
 from .web.websocket import ConsoleServerFactory, ConsoleSettings
@@ -473,6 +473,9 @@ def _build_fleet(
     service.site = site
     door = _listen_ssh(service, options, FleetConsoles(registry), reactor, audit)
     fleet.fronts = lambda: _front_counts(registry, refusals, door)
+    if workers is not None:
+        pool = workers
+        fleet.workers = lambda: WorkerCounts(*pool.figures())
     if options["metrics-port"]:
         metrics_site = ConsoleSite(fleet.metrics_root())
         strports.service(options["metrics-port"], metrics_site, reactor=reactor).setServiceParent(service)

@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from cloud_console.web.metrics import MetricsPage, RefusalCounts, metrics_registry
+from cloud_console.web.metrics import MetricsPage, RefusalCounts, WorkerCounts, metrics_registry
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,25 @@ class CollectorTests(SynchronousTestCase):
         self.refusals.count("auth")
         family = scrape(self.registry)["cloud_console_refused_upgrades"]
         self.assertEqual(samples(family)[(("reason", "auth"),)], 1.0)
+
+    def test_read_workers(self) -> None:
+        """
+        With read workers, how many run and how many consoles they read, as gauges read
+        at each scrape; without them (one console, or --read-workers 0) neither family.
+        """
+        self.assertNotIn("cloud_console_read_workers", scrape(self.registry))
+        figures = [WorkerCounts(2, 7)]
+        registry = metrics_registry(
+            lambda: self.statuses, self.refusals, process=False, workers=lambda: figures[0]
+        )
+        families = scrape(registry)
+        self.assertEqual(families["cloud_console_read_workers"].type, "gauge")
+        self.assertEqual(samples(families["cloud_console_read_workers"]), {(): 2.0})
+        self.assertEqual(samples(families["cloud_console_consoles_read_by_workers"]), {(): 7.0})
+        figures[0] = WorkerCounts(1, 0)
+        families = scrape(registry)
+        self.assertEqual(samples(families["cloud_console_read_workers"]), {(): 1.0})
+        self.assertEqual(samples(families["cloud_console_consoles_read_by_workers"]), {(): 0.0})
 
     def test_no_consoles(self) -> None:
         """With no consoles the families are still described, with no samples."""

@@ -17,9 +17,11 @@ import sys
 import tempfile
 import termios
 import tty
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -28,7 +30,16 @@ from cloud_console.console.device import ConsoleDevice
 from cloud_console.console.readers import ReadWorkers, _parse, _Worker
 from cloud_console.console.readworker import DATA, MAX_MESSAGE, RECORDS_PER_MESSAGE, Worker
 
-from .helpers import FileWatch, Guest, Server, capture_log, connect_v1, free_port, serve_process
+from .helpers import (
+    FileWatch,
+    Guest,
+    Server,
+    capture_log,
+    connect_v1,
+    free_port,
+    http_get,
+    serve_process,
+)
 
 
 class Output:
@@ -305,6 +316,17 @@ def _exited(process: object) -> defer.Deferred[None]:
     return _until(lambda: getattr(process, "pid", None) is None)
 
 
+async def _until_async(
+    ask: Callable[[], Coroutine[Any, Any, tuple[float, float]]], expected: tuple[float, float]
+) -> None:
+    """
+    Ask until C{ask()} gives C{expected} (each answer is a round trip through the
+    reactor; the test's timeout bounds the asking).
+    """
+    while await ask() != expected:
+        pass
+
+
 def _until(condition: Callable[[], bool]) -> defer.Deferred[None]:
     """Fires once C{condition} holds, checked at every reactor turn (never a sleep)."""
     d: defer.Deferred[None] = defer.Deferred()
@@ -416,6 +438,33 @@ class FleetWorkerTests(TestCase):
         self.assertNotIn(b"read worker 0 ended", server.stderr)
         self.assertNotIn(b"did not give", server.stderr)
         self.assertEqual((directory / "vm0.log").read_bytes()[: len(data)], data)
+
+    async def test_metrics(self) -> None:
+        """
+        /metrics on --metrics-port (read by Prometheus' own parser): one worker running,
+        reading the three consoles; a page on one of them takes it back.
+        """
+        metrics_port = free_port()
+        _, guests, _ = await self.serve("--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1")
+
+        async def figures() -> tuple[float, float]:
+            _, body = await http_get(metrics_port, "/metrics")
+            values = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(body.decode())
+                for sample in family.samples
+            }
+            return (
+                values["cloud_console_read_workers"],
+                values["cloud_console_consoles_read_by_workers"],
+            )
+
+        await _until_async(lambda: figures(), (1.0, 3.0))
+        page = await connect_v1(self.port, "/c/vm1/ws")
+        self.addCleanup(page.transport.abortConnection)
+        await guests[1].write(b"watched now\r\n")
+        await page.wait_text("watched now")
+        await _until_async(lambda: figures(), (1.0, 2.0))
 
 
 def _file_holds(test: TestCase, path: Path, data: bytes) -> defer.Deferred[None]:

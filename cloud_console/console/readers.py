@@ -319,6 +319,11 @@ class ReadWorkers(Service):
             self.workers.extend([worker] * (number + 1 - len(self.workers)))
         self.workers[number] = worker
 
+    def figures(self) -> tuple[int, int]:
+        """The workers running (ready) now, and the consoles they read (for C{/metrics})."""
+        live = [w for w in self.workers if w.ready and not w.ended]
+        return len(live), sum(len(w.devices) for w in live)
+
     def adopt(self, device: RemotelyRead) -> bool:
         """Have a worker read C{device}; C{False} when none can (read it yourself)."""
         if not self.running:

@@ -97,6 +97,13 @@ class RefusalCounts:
         return dict(self._counts)
 
 
+class WorkerCounts(NamedTuple):
+    """The read workers now: how many run, and how many consoles they read."""
+
+    running: int
+    consoles: int
+
+
 class FrontCounts(NamedTuple):
     """
     The front doors' figures now: sessions attached by door (C{"web"}, C{"ssh"}) and
@@ -201,6 +208,7 @@ class ConsoleCollector(Collector):
         statuses: Callable[[], Iterable[ConsoleStatusLike]],
         refusals: RefusalCounts,
         fronts: Callable[[], FrontCounts] | None = None,
+        workers: Callable[[], WorkerCounts] | None = None,
     ) -> None:
         """
         @param statuses: returns the statuses of the consoles to show now (already
@@ -208,10 +216,12 @@ class ConsoleCollector(Collector):
         @param refusals: the refused-upgrade counts of the process.
         @param fronts: the front doors' sessions and authentication failures (the whole
             process's; left out where a credential sees only its consoles).
+        @param workers: the read workers' figures (the process's, likewise).
         """
         self.statuses = statuses
         self.refusals = refusals
         self.fronts = fronts
+        self.workers = workers
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families for the consoles and refusals as they are now."""
@@ -239,6 +249,18 @@ class ConsoleCollector(Collector):
             for (action, outcome), count in sorted(counts.items()):
                 actions.add_metric([status.name, action, outcome], count)
         yield actions
+        if self.workers is not None:
+            running, read = self.workers()
+            yield GaugeMetricFamily(
+                PREFIX + "read_workers",
+                "Read worker processes running (they read the consoles nobody watches).",
+                value=running,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "consoles_read_by_workers",
+                "Consoles a read worker reads now (the others: the main process).",
+                value=read,
+            )
         refused = CounterMetricFamily(
             PREFIX + "refused_upgrades",
             "WebSocket upgrades refused, by reason (origin, auth, limit).",
@@ -274,6 +296,7 @@ def metrics_registry(
     *,
     process: bool = True,
     fronts: Callable[[], FrontCounts] | None = None,
+    workers: Callable[[], WorkerCounts] | None = None,
 ) -> CollectorRegistry:
     """
     A fresh registry holding our collector (not the global C{REGISTRY}).
@@ -289,7 +312,7 @@ def metrics_registry(
     collector out (for instance where a credential should see its consoles only).
     """
     registry = CollectorRegistry()
-    registry.register(ConsoleCollector(statuses, refusals, fronts))
+    registry.register(ConsoleCollector(statuses, refusals, fronts, workers))
     if process:
         ProcessCollector(registry=registry)
     return registry

@@ -28,7 +28,7 @@ from ..fleet.registry import ConsoleRegistry
 from ..console.actions import ConsoleActions
 from .actions import ActionsPage
 from .gate import AuthGate, access_of, build_gate
-from .metrics import FrontCounts, MetricsPage, RefusalCounts, metrics_registry
+from .metrics import FrontCounts, MetricsPage, RefusalCounts, WorkerCounts, metrics_registry
 from .dialects import who_is_on
 from .websocket import ConsoleServerFactory, ConsoleSettings
 
@@ -496,6 +496,8 @@ class FleetResources:
         self.refusals = settings.refusals or RefusalCounts()
         #: The front doors' sessions and failures, for the full C{/metrics} (set by the wiring).
         self.fronts: Callable[[], FrontCounts] | None = None
+        #: The read workers' figures, for the full C{/metrics} (set by the wiring).
+        self.workers: Callable[[], WorkerCounts] | None = None
         #: Whether a server without credentials offers the consoles' actions to anyone
         #: (C{--allow-control}).
         self.allow_control = False
@@ -555,7 +557,9 @@ class FleetResources:
     def metrics_root(self) -> resource.IResource:
         """C{--metrics-port}: C{/metrics} and C{/healthz} in full, for a management address."""
         root = resource.Resource()
-        registry = metrics_registry(self.registry.statuses, self.refusals, fronts=self.fronts)
+        registry = metrics_registry(
+            self.registry.statuses, self.refusals, fronts=self.fronts, workers=self.workers
+        )
         root.putChild(b"metrics", MetricsPage(lambda request: registry))
         root.putChild(b"healthz", Health(self.registry))
         return root
