@@ -22,18 +22,9 @@ import sys
 import tempfile
 import time
 
+from standin import QuietPty
+
 MiB = 1 << 20
-
-
-class _Pty:
-    """Stands in for the console device: takes every byte at once."""
-
-    pending_input = 0
-
-    def write(self, data: bytes) -> None: ...
-    def startReading(self) -> None: ...
-    def stopReading(self) -> None: ...
-    def close(self) -> None: ...
 
 
 class _Viewer:
@@ -51,7 +42,7 @@ def _console(clock, audit, viewers: int = 10):
     from cloud_console.console.multiplexer import ClientLabel, Multiplexer
 
     multiplexer = Multiplexer(80_000, clock=clock, lag_window=MiB)
-    multiplexer.console_up(_Pty())
+    multiplexer.console_up(QuietPty())
     trails = []
     for n in range(viewers):
         label = ClientLabel("web", f"user{n}", "10.0.0.1", clock.seconds())

@@ -22,25 +22,16 @@ import sys
 import time
 import tracemalloc
 
+from standin import QuietPty
+
 MiB = 1 << 20
-
-
-class _Pty:
-    """Stands in for the console device (output only)."""
-
-    pending_input = 0
-
-    def write(self, data: bytes) -> None: ...
-    def startReading(self) -> None: ...
-    def stopReading(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def _console(clock, timed: bool = True):
     from cloud_console.console.multiplexer import Multiplexer
 
     multiplexer = Multiplexer(80_000, clock=clock, lag_window=MiB, head_size=256 * 1024)
-    multiplexer.console_up(_Pty())
+    multiplexer.console_up(QuietPty())
     if not timed:
         # The same path without the index: append without a time.
         history = multiplexer.history
