@@ -300,7 +300,8 @@ class ReadWorkers(Service):
         self._ids: dict[int, int] = {}  # id(device) -> console id
         self._next_id = 0
         #: Devices that asked while no worker was ready: read here, offered again later.
-        self._waiting: list[RemotelyRead] = []
+        #: (By identity: a device asking twice is offered once.)
+        self._waiting: dict[int, RemotelyRead] = {}
 
     def startService(self) -> None:
         Service.startService(self)
@@ -330,7 +331,7 @@ class ReadWorkers(Service):
             return False
         live = [w for w in self.workers if w.ready and not w.ended]
         if not live:
-            self._waiting.append(device)
+            self._waiting[id(device)] = device
             return False
         worker = min(live, key=lambda w: len(w.devices))
         key = id(device)
@@ -350,8 +351,8 @@ class ReadWorkers(Service):
     def worker_ready(self, worker: _Worker) -> None:
         """A worker runs: the consoles read here meanwhile may go to it now."""
         self._log.info("read worker {number} ready", number=worker.number)
-        waiting, self._waiting = self._waiting, []
-        for device in waiting:
+        waiting, self._waiting = self._waiting, {}
+        for device in waiting.values():
             device.workers_ready()
 
     def ended(self, device: RemotelyRead) -> None:
@@ -391,7 +392,7 @@ class ReadWorkers(Service):
     def stopService(self) -> None:
         """Take every console back (each byte read given), then let the workers end."""
         Service.stopService(self)
-        self._waiting = []
+        self._waiting = {}
         for worker in self.workers:
             pending = set(worker.devices)
             for console in pending:
