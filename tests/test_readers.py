@@ -586,6 +586,31 @@ class GatherTests(SynchronousTestCase):
         self.assertEqual(self.received(), [(7, DATA, 16, b"0123456789abcdef")])
         self.assertEqual(self.worker.gathered, {})
 
+    def test_output_larger_than_a_message(self) -> None:
+        """
+        Output larger than a message (a read the kernel refilled, on top of what a busy
+        console gathered) goes as several whole messages, every byte in order: the main
+        process reads at most MAX_MESSAGE bytes of a message and would lose the rest.
+        """
+        data = payload(b"large", 3 * MAX_MESSAGE + 123)
+        self.worker.output(7, data)
+        sizes = []
+        received = b""
+        while True:
+            self.worker.flush()  # as much as the socket takes; the rest after this reads
+            try:
+                message, _, flags, _ = self.main.recvmsg(4 * MAX_MESSAGE)
+            except BlockingIOError:
+                break
+            sizes.append(len(message))
+            self.assertFalse(flags & socket.MSG_TRUNC)
+            for console, kind, length, piece in _parse(message):
+                self.assertEqual((console, kind, length), (7, DATA, len(piece)))
+                received += piece
+        self.assertEqual(received, data)
+        self.assertLessEqual(max(sizes), MAX_MESSAGE)
+        self.assertGreaterEqual(len(sizes), 4)
+
     def test_gathered_then_short_read(self) -> None:
         """A full read, then a short one: both go out together, in order."""
         self.patch(readworker, "FULL_READ", 10)

@@ -191,7 +191,7 @@ class _Worker(FileDescriptor):
     def doRead(self) -> Any:
         for _ in range(MESSAGES_PER_TURN):
             try:
-                message = self.socket.recv(MAX_MESSAGE)
+                message = self.receive()
             except BlockingIOError:
                 return None
             except InterruptedError:
@@ -202,6 +202,23 @@ class _Worker(FileDescriptor):
                 return main.CONNECTION_DONE
             self.dispatch(message)
         return None
+
+    def receive(self) -> bytes:
+        """
+        One message from the worker (empty: it is gone). A message cut short would lose
+        output in silence: the worker never sends one that large, and if it ever did,
+        that is said (the records still in it are handed on).
+
+        @raise OSError: as C{recvmsg} (C{BlockingIOError}: nothing waiting).
+        """
+        message, _, flags, _ = self.socket.recvmsg(MAX_MESSAGE)
+        if flags & socket.MSG_TRUNC:
+            self._log.error(
+                "read worker {number} sent a message larger than {size} bytes; output was lost",
+                number=self.number,
+                size=MAX_MESSAGE,
+            )
+        return message
 
     def dispatch(self, message: bytes) -> list[int]:
         """Hand a message's records to their consoles; the ids released in it."""
@@ -249,7 +266,7 @@ class _Worker(FileDescriptor):
             if not events.get(fd, 0) & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 continue
             try:
-                message = self.socket.recv(MAX_MESSAGE)
+                message = self.receive()
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:

@@ -54,7 +54,7 @@ DATA, END, RELEASED, LOGGED, READY = 0, 1, 2, 3, 4
 ADOPT, RELEASE = 1, 2
 
 #: Bytes asked for in a console's one read per turn (a pty hands out about 4 KiB, a
-#: socket more); a record always fits in a message.
+#: socket more, and so can a pty the kernel refills during the read).
 READ_PER_TURN = 64 * 1024
 #: A read this large means the pty had more than it hands out at once (about 4 KiB in raw
 #: mode): the console is busy, so gather and do not linger.
@@ -66,8 +66,8 @@ GATHER = 64 * 1024
 #: the history's time index keeps one mark per 100 ms anyway.
 LINGER = 0.1
 
-#: Largest message sent to the main process (it reads into a buffer this size); a whole
-#: read always fits.
+#: Largest message sent to the main process (it reads into a buffer this size; larger
+#: output is cut into several records, see L{Worker.record}).
 MAX_MESSAGE = READ_PER_TURN + 4096
 #: Most records in a message: the main process handles one message per reactor turn, and
 #: this many records take it about half a millisecond, so a watched console's echo never
@@ -306,7 +306,16 @@ class Worker:
         self.record(console, END, b"", code)
 
     def record(self, console: int, kind: int, data: bytes, length: int | None = None) -> None:
-        """One record (C{length}: the data's, or the errno of an C{END})."""
+        """
+        One record (C{length}: the data's, or the errno of an C{END}); output larger than
+        a message can carry goes as several records, in order (a pty read can return
+        far more than 4 KiB when the kernel refills it during the read, and what a busy
+        console gathered comes on top).
+        """
+        most = MAX_MESSAGE - RECORD.size
+        while len(data) > most:
+            self.record(console, kind, data[:most])
+            data = data[most:]
         size = RECORD.size + len(data)
         if self.size + size > MAX_MESSAGE or self.count == RECORDS_PER_MESSAGE:
             self.seal()
