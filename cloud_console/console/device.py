@@ -255,23 +255,12 @@ class ConsoleDevice(FileDescriptor):
         """
         Read what has already arrived (up to L{READ_PER_TURN}), so that closing on
         purpose loses none of it: a socket's unread bytes die with it, and a restart's
-        saved history then ends where the guest's output did.
+        saved history then ends where the guest's output did. (Whether it hung up
+        meanwhile does not matter: it is being closed.)
         """
-        pieces: list[bytes] = []
-        total = 0
-        while total < READ_PER_TURN:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except InterruptedError:
-                continue
-            except OSError:
-                break  # nothing more (EAGAIN), or it hung up: either way, closing
-            if not data:
-                break
-            pieces.append(data)
-            total += len(data)
-        if pieces:
-            self._on_output(b"".join(pieces))
+        data, _ = self._read_burst(READ_PER_TURN)
+        if data:
+            self._on_output(data)
 
     # -- who reads: this process or a read worker -------------------------------------
 
@@ -316,10 +305,7 @@ class ConsoleDevice(FileDescriptor):
     def remote_output(self, data: bytes, logged: bool) -> None:
         """A read worker read C{data} from this console (and logged it: C{logged})."""
         if self.fd >= 0:
-            if logged:
-                self._on_output(data, logged=True)
-            else:
-                self._on_output(data)
+            self._on_output(data, logged=logged)
 
     def log_changed(self) -> None:
         """The log file was reopened, or its marks turned on or off: tell the worker."""
@@ -361,9 +347,23 @@ class ConsoleDevice(FileDescriptor):
             if limit <= 0:
                 self.stopReading()
                 return None
+        data, end = self._read_burst(limit)
+        if data:
+            if end is None:
+                share.read(self)
+            self._on_output(data)
+        return end
+
+    def _read_burst(self, limit: int) -> tuple[bytes, Any]:
+        """
+        Read until the console has nothing more, or C{limit} bytes; what was read, and
+        why the console ended if it did (C{main.CONNECTION_DONE}: it hung up, as a pty
+        whose other side closed says with EIO; C{main.CONNECTION_LOST}: it failed).
+        """
         pieces: list[bytes] = []
         total = 0
         fd = self.fd
+        end: Any = None
         while total < limit:
             try:
                 data = os.read(fd, min(READ_SIZE, limit - total))
@@ -372,24 +372,14 @@ class ConsoleDevice(FileDescriptor):
             except InterruptedError:
                 continue
             except OSError as e:
-                if e.errno == errno.EIO:
-                    # The other side hung up: an ordinary end of the console.
-                    if pieces:
-                        self._on_output(b"".join(pieces))
-                    return main.CONNECTION_DONE
-                if pieces:
-                    self._on_output(b"".join(pieces))
-                return main.CONNECTION_LOST
+                end = main.CONNECTION_DONE if e.errno == errno.EIO else main.CONNECTION_LOST
+                break
             if not data:
-                if pieces:
-                    self._on_output(b"".join(pieces))
-                return main.CONNECTION_DONE
+                end = main.CONNECTION_DONE
+                break
             pieces.append(data)
             total += len(data)
-        if pieces:
-            share.read(self)
-            self._on_output(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        return None
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), end
 
     @property
     def can_break(self) -> bool:
