@@ -376,6 +376,18 @@ class HeadTests(SynchronousTestCase):
         self.assertLess(history.allocated, 40_000)
         self.assertEqual(History(1024 * 1024).allocated, 4096)
 
+    def test_more_than_half_takes_the_whole_ring(self) -> None:
+        """
+        Output that needs more than half of the ring takes all of it in one step, not a
+        power of two that the next output copies again.
+        """
+        history = History(80_000)
+        history.append(b"x" * 1000)
+        self.assertEqual(history.allocated, 4096)
+        history.append(b"y" * 40_000)
+        self.assertEqual(history.allocated, 80_000)
+        self.assertEqual(history.read_from(0), b"x" * 1000 + b"y" * 40_000)
+
     @given(
         capacity=capacities,
         head_size=st.integers(min_value=0, max_value=50),

@@ -351,6 +351,11 @@ class History:
         size = allocated
         while size < new_end:
             size *= 2
+        if new_end > self.capacity // 2:
+            # Most of the ring is needed already: take all of it now, instead of one
+            # more step that is copied again at the next (a storm's first output grows
+            # a thousand rings at once; each step is fresh memory to fault in and fill).
+            size = self.capacity
         ring = bytearray(min(size, self.capacity))
         ring[: self._end] = self._view[: self._end]
         self._ring = ring
