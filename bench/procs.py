@@ -482,13 +482,18 @@ class TreeCpu(threading.Thread):
             self._sample()
 
     def stop(self) -> dict:
-        """C{cpu_s} in all, C{by_name} (process name: seconds), C{processes}, C{exited}."""
+        """
+        C{cpu_s} in all, C{by_name} (process name: seconds), C{by_pid} (pid: seconds, to
+        tell a main process from its workers of the same name), C{processes}, C{exited}.
+        """
         self._stop_event.set()
         self.join()
         self._sample()
         by_name: dict[str, float] = {}
+        by_pid: dict[int, float] = {}
         for key, first in self._first.items():
             name = self._names[key]
             by_name[name] = by_name.get(name, 0.0) + self._last[key] - first
-        return {"cpu_s": sum(by_name.values()), "by_name": by_name,
+            by_pid[key[0]] = by_pid.get(key[0], 0.0) + self._last[key] - first
+        return {"cpu_s": sum(by_name.values()), "by_name": by_name, "by_pid": by_pid,
                 "processes": len(self._first), "exited": len(set(self._first) - self._alive)}

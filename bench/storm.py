@@ -439,6 +439,7 @@ class Storm:
         mib = sum(sizes) / MiB
         out = {"consoles": n, "mib": mib, "wall_s": wall, "cpu_s": cpu["cpu_s"],
                "cores": cpu["cpu_s"] / wall, "processes": cpu["processes"],
+               "cpu_s_by_pid": cpu["by_pid"],
                "write_s": written, "writer_cpu_s": writer, "incomplete": len(missing),
                "cpu_ms_per_mib": None if missing else cpu["cpu_s"] * 1e3 / mib}
         out.update(self._check(served, bases, sync, offsets, sizes))
