@@ -71,8 +71,8 @@ class RemotelyRead(Protocol):
         """A worker can take the console now (it was read here while none could)."""
 
 
-def _parse(message: bytes) -> list[tuple[int, int, int, bytes]]:
-    """A message's records as (console id, kind, length, data)."""
+def _parse(message: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bytes]]:
+    """A message's records as (console id, kind, length, data: a copy of its own)."""
     records = []
     view = memoryview(message)
     pos, size = 0, len(message)
@@ -127,6 +127,9 @@ class _Worker(FileDescriptor):
                 pass
         ours.setblocking(False)
         self.socket = ours
+        #: Messages are received into this one buffer: a buffer made for each would be
+        #: L{MAX_MESSAGE} bytes to allocate and give back per message, most of them small.
+        self._buffer = bytearray(MAX_MESSAGE)
         self.devices: dict[int, RemotelyRead] = {}
         self._commands: list[tuple[bytes, list[int]]] = []
         self.ended = False
@@ -203,15 +206,16 @@ class _Worker(FileDescriptor):
             self.dispatch(message)
         return None
 
-    def receive(self) -> bytes:
+    def receive(self) -> memoryview:
         """
-        One message from the worker (empty: it is gone). A message cut short would lose
-        output in silence: the worker never sends one that large, and if it ever did,
-        that is said (the records still in it are handed on).
+        One message from the worker (empty: it is gone), valid until the next call. A
+        message cut short would lose output in silence: the worker never sends one that
+        large, and if it ever did, that is said (the records still in it are handed on).
 
-        @raise OSError: as C{recvmsg} (C{BlockingIOError}: nothing waiting).
+        @raise OSError: as C{recvmsg_into} (C{BlockingIOError}: nothing waiting).
         """
-        message, _, flags, _ = self.socket.recvmsg(MAX_MESSAGE)
+        size, _, flags, _ = self.socket.recvmsg_into([self._buffer])
+        message = memoryview(self._buffer)[:size]
         if flags & socket.MSG_TRUNC:
             self._log.error(
                 "read worker {number} sent a message larger than {size} bytes; output was lost",
@@ -220,7 +224,7 @@ class _Worker(FileDescriptor):
             )
         return message
 
-    def dispatch(self, message: bytes) -> list[int]:
+    def dispatch(self, message: bytes | bytearray | memoryview) -> list[int]:
         """Hand a message's records to their consoles; the ids released in it."""
         released = []
         for console, kind, length, data in _parse(message):

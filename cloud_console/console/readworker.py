@@ -122,7 +122,7 @@ class Worker:
         self.records: list[bytes] = []
         self.size = 0
         self.count = 0
-        self.unsent: list[bytes] = []
+        self.unsent: list[list[bytes]] = []
         self.running = True
 
     def run(self) -> None:
@@ -332,9 +332,12 @@ class Worker:
         self.count += 1
 
     def seal(self) -> None:
-        """The records so far make one message, to be sent in order."""
+        """
+        The records so far make one message, to be sent in order (as they are: the
+        kernel gathers the pieces, so they are not joined here first).
+        """
         if self.records:
-            self.unsent.append(b"".join(self.records))
+            self.unsent.append(self.records)
             self.records = []
             self.size = 0
             self.count = 0
@@ -344,7 +347,7 @@ class Worker:
         self.seal()
         while self.unsent:
             try:
-                self.channel.send(self.unsent[0])
+                self.channel.sendmsg(self.unsent[0])
             except BlockingIOError:
                 return
             except InterruptedError:
