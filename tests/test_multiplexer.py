@@ -650,6 +650,22 @@ class DetachAndCountTests(SynchronousTestCase):
         [event] = events_with(events, "detached")
         self.assertEqual(event["clients"], 1)
 
+    def test_only_viewers_logged(self) -> None:
+        """
+        A viewer's attach and detach are logged with the viewers on; a client that is
+        not a viewer (the log file) is neither logged nor counted: with a thousand
+        consoles that was a line per console at every start and stop.
+        """
+        multiplexer = Multiplexer(100)
+        with capturedLogs() as events:
+            log_file = attach(multiplexer, FakeClient(), viewer=False)
+            viewer = attach(multiplexer, FakeClient())
+            multiplexer.detach(viewer)
+            multiplexer.detach(log_file)
+        [attached] = events_with(events, "attached at")
+        [detached] = events_with(events, "detached")
+        self.assertEqual((attached["clients"], detached["clients"]), (1, 0))
+
     def test_clients_changed(self) -> None:
         """
         Each attach and detach of a viewer tells every viewer still attached the new

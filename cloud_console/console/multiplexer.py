@@ -564,14 +564,16 @@ class Multiplexer(Service):
         attachment.label = label
         attachment.in_head = history.head_start <= from_offset < history.head_end
         self._attachments.append(attachment)
-        self._log.info(
-            "client attached at offset {offset}; {clients} attached, "
-            "{history_bytes} bytes of history",
-            offset=from_offset,
-            clients=len(self._attachments),
-            history_bytes=len(history),
-        )
         if viewer:
+            # (The log file, attached for the console's life, says so in its own line:
+            # logging it here too cost a line per console at a fleet's start and stop.)
+            self._log.info(
+                "client attached at offset {offset}; {clients} attached, "
+                "{history_bytes} bytes of history",
+                offset=from_offset,
+                clients=self.viewer_count,
+                history_bytes=len(history),
+            )
             self._announce_viewers()
         if start:
             self.start(attachment)
@@ -598,12 +600,12 @@ class Multiplexer(Service):
         attachment.attached = False
         self._attachments.remove(attachment)
         self.pacer.release()
-        self._log.info(
-            "client detached at offset {offset}; {clients} attached",
-            offset=attachment.cursor,
-            clients=len(self._attachments),
-        )
         if attachment.viewer:
+            self._log.info(
+                "client detached at offset {offset}; {clients} attached",
+                offset=attachment.cursor,
+                clients=self.viewer_count,
+            )
             self._announce_viewers()
 
     def announce_action(self, who: str, description: str) -> str:
