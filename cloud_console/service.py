@@ -14,7 +14,7 @@ import atexit
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import MultiService
@@ -36,14 +36,13 @@ from .fleet.consoledir import ConsoleDirWatcher, scan_console_dir
 from .fleet.registry import ConsoleRegistry
 from .keeper import StateKeeper
 from .sdnotify import CONSOLE_PREFIX, FdStore, Notifier, inherited_named_fds
-from .ssh.auth import Keyring
-from .ssh.factory import ConsoleSSHFactory
-from .ssh.hostkey import HostKeyError, load_or_create_host_key
-from .ssh.session import ConsoleDirectory, SSHDoor, SSHSettings
 from .web.metrics import FrontCounts, RefusalCounts, WorkerCounts
 from .web.origin import OriginPolicy
 from .web.site import ConsoleSite, FleetResources, build_fleet_site, build_site
 from .web.websocket import ConsoleServerFactory, ConsoleSettings
+
+if TYPE_CHECKING:
+    from .ssh.session import ConsoleDirectory, SSHDoor
 
 #: Exit status when the console (pty) could not be opened or went away: the original's.
 EXIT_CONSOLE_FAILED = 2
@@ -541,6 +540,13 @@ def _listen_ssh(
     """
     if not options["ssh-port"]:
         return None
+    # Imported here, not with the module: the SSH door (Twisted Conch, cryptography) is
+    # 40-50 ms of a fleet's start and a few MiB that a host without it does not need.
+    from .ssh.auth import Keyring
+    from .ssh.factory import ConsoleSSHFactory
+    from .ssh.hostkey import HostKeyError, load_or_create_host_key
+    from .ssh.session import SSHDoor, SSHSettings
+
     try:
         host_key = load_or_create_host_key(options["ssh-host-key"])
         keyring = Keyring(
