@@ -617,5 +617,57 @@ class GatherTests(SynchronousTestCase):
         self.arrive(b"0123456789abcdef")
         self.worker.turn()
         self.arrive(b"xyz")
-        self.worker.turn()  # (then lingers its 0.1 s: all it read was small)
+        self.worker.turn()  # (then lingers for LINGER: all it read was small)
         self.assertEqual(self.received(), [(7, DATA, 19, b"0123456789abcdefxyz")])
+
+
+class _Received:
+    """A device as the main process's side of a worker sees it: keeps what it is given."""
+
+    def __init__(self, log: list[bytes]) -> None:
+        self.log = log
+
+    def remote_output(self, data: bytes, logged: bool) -> None:
+        self.log.append(data)
+
+
+class TurnTests(SynchronousTestCase):
+    """
+    The main process takes one message of a worker per reactor turn, so a watched
+    console's echo waits behind at most RECORDS_PER_MESSAGE records of the consoles
+    nobody watches, however many of them printed at once (counted in turns, not time).
+    """
+
+    def test_one_message_per_turn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * MAX_MESSAGE)
+        worker = Worker(theirs)
+        consoles = 3 * RECORDS_PER_MESSAGE + 5
+        lines = [b"console %d printed\r\n" % i for i in range(consoles)]
+        for i, line in enumerate(lines):
+            worker.output(i, line)  # one turn of the worker's: every console read once
+        worker.flush()
+        self.assertEqual(worker.unsent, [])
+
+        # The main side of the socket, without a process behind it: what a reactor turn
+        # (doRead) hands to the devices.
+        main_side = _Worker.__new__(_Worker)
+        main_side.socket = ours
+        main_side._buffer = bytearray(MAX_MESSAGE)
+        main_side.number = 0
+        main_side.ready = True
+        delivered: list[bytes] = []
+        main_side.devices = {i: _Received(delivered) for i in range(consoles)}
+
+        per_turn = []
+        while True:
+            before = len(delivered)
+            main_side.doRead()
+            if len(delivered) == before:
+                break
+            per_turn.append(len(delivered) - before)
+        self.assertEqual(per_turn, [RECORDS_PER_MESSAGE] * 3 + [5])
+        self.assertEqual(delivered, lines)
