@@ -242,14 +242,21 @@ class ConsoleDevice(FileDescriptor):
         if self.fd < 0:
             return
         self._closing_on_purpose = True
-        self._wants_reading = False  # given back by a worker, it is not read again
-        if self._reader != _HERE and self._workers is not None:
-            self._workers.release_now(self)
-            self._reader = _HERE
+        self._take_back_for_good()
         self._drain()
         self.stopReading()
         self.stopWriting()
         self.connectionLost(Failure(error.ConnectionDone("closed by cloud-console")))
+
+    def _take_back_for_good(self) -> None:
+        """
+        The console is closing: if a worker reads it, take it back now, with every byte
+        the worker read (the guest's too), and do not read it again afterwards.
+        """
+        if self._reader != _HERE and self._workers is not None:
+            self._wants_reading = False
+            self._workers.release_now(self)
+            self._reader = _HERE
 
     def _drain(self) -> None:
         """
@@ -435,11 +442,7 @@ class ConsoleDevice(FileDescriptor):
 
     def connectionLost(self, reason: Failure) -> None:
         """Restore the terminal, close the descriptor, and report why the console ended."""
-        if self._reader != _HERE and self._workers is not None:
-            # What the worker read of it is the guest's too: take it before closing.
-            self._wants_reading = False
-            self._workers.release_now(self)
-            self._reader = _HERE
+        self._take_back_for_good()
         FileDescriptor.connectionLost(self, reason)
         fd, self.fd = self.fd, -1
         if fd >= 0:
