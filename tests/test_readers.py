@@ -580,7 +580,7 @@ class GatherTests(SynchronousTestCase):
         self.patch(readworker, "FULL_READ", 10)
         self.arrive(b"0123456789abcdef")
         self.worker.turn()
-        self.assertEqual(self.worker.gathered, {7: [b"0123456789abcdef"]})
+        self.assertEqual(self.worker.gathered, {7: bytearray(b"0123456789abcdef")})
         self.assertEqual(self.received(), [])
         self.worker.turn()  # nothing new: the gathered output is due
         self.assertEqual(self.received(), [(7, DATA, 16, b"0123456789abcdef")])

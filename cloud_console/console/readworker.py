@@ -115,14 +115,13 @@ class Worker:
         self.descriptors: dict[int, int] = {}  # console id -> descriptor
         self.logs: dict[int, int] = {}  # console id -> its log file, if the worker logs it
         #: What consoles that keep filling their reads have gathered, not yet sent.
-        self.gathered: dict[int, list[bytes]] = {}
-        self.gathered_size: dict[int, int] = {}
+        self.gathered: dict[int, bytearray] = {}
         #: The consoles read in this turn.
         self.read_now: set[int] = set()
-        self.records: list[bytes] = []
+        self.records: list[bytes | bytearray] = []
         self.size = 0
         self.count = 0
-        self.unsent: list[list[bytes]] = []
+        self.unsent: list[list[bytes | bytearray]] = []
         self.running = True
 
     def run(self) -> None:
@@ -273,26 +272,24 @@ class Worker:
         if len(data) >= FULL_READ:
             self.busy = True
             if gathered is None:
-                self.gathered[console] = gathered = []
-            gathered.append(data)
-            self.gathered_size[console] = size = self.gathered_size.get(console, 0) + len(data)
-            if size >= GATHER:
+                self.gathered[console] = gathered = bytearray()
+            gathered += data
+            if len(gathered) >= GATHER:
                 self.send_gathered(console)
             return
         if gathered is not None:
-            gathered.append(data)
+            gathered += data
             self.send_gathered(console)
         else:
             self.output(console, data)
 
     def send_gathered(self, console: int) -> None:
-        """Log and record what C{console} gathered, as one piece."""
-        pieces = self.gathered.pop(console, None)
-        self.gathered_size.pop(console, None)
-        if pieces:
-            self.output(console, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        """Log and record what C{console} gathered, as one piece (its buffer, handed on)."""
+        gathered = self.gathered.pop(console, None)
+        if gathered:
+            self.output(console, gathered)
 
-    def output(self, console: int, data: bytes) -> None:
+    def output(self, console: int, data: bytes | bytearray) -> None:
         """Log C{data} (if this worker logs the console) and record it."""
         log = self.logs.get(console)
         if log is None:
@@ -311,7 +308,7 @@ class Worker:
         self.forget(fd)
         self.record(console, END, b"", code)
 
-    def record(self, console: int, kind: int, data: bytes, length: int | None = None) -> None:
+    def record(self, console: int, kind: int, data: bytes | bytearray, length: int | None = None) -> None:
         """
         One record (C{length}: the data's, or the errno of an C{END}); output larger than
         a message can carry goes as several records, in order (a pty read can return

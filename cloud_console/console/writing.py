@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 
-def write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+def write_all(fd: int, data: bytes | bytearray) -> tuple[int, OSError | None]:
     """
     Write all of C{data} to C{fd} (a blocking file: short writes go on, EINTR is
     retried); the bytes written, and the error that stopped it, if one did.
