@@ -13,9 +13,11 @@ import datetime
 import ipaddress
 import json
 import os
+import select
 import socket
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -486,6 +488,85 @@ class Guest:
     def close(self) -> None:
         self.hang_up()
         os.close(self.slave)
+
+
+class ThreadedGuest:
+    """
+    The guest's side of a real pty pair for tests that run outside the reactor (a
+    browser driven by Playwright's synchronous API): a thread collects what the console
+    types (and hands it to L{on_input}); waits block, with a deadline.
+    """
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.path = os.ttyname(self.slave)
+        self.written = 0
+        self.received = bytearray()
+        self.on_input: Callable[[bytes], None] | None = None
+        self._changed = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._open = True
+        self._reader = threading.Thread(target=self._read, name="guest-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.master, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._changed:
+                self.received += data
+                self._changed.notify_all()
+            if self.on_input is not None:
+                self.on_input(data)
+
+    def write(self, data: bytes) -> None:
+        """Print C{data} (blocks while the console is not reading)."""
+        with self._write_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.master, view) :]
+            with self._changed:
+                self.written += len(data)
+                self._changed.notify_all()
+
+    def print(self, *lines: str) -> None:
+        self.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def wait_for_input(self, needle: bytes, timeout: float = 15) -> None:
+        """Wait until the console has typed C{needle} into the guest."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: needle in self.received, timeout):
+                raise AssertionError(
+                    f"the guest never got {needle!r}; last input: {bytes(self.received[-200:])!r}"
+                )
+
+    def wait_written(self, count: int, timeout: float = 60) -> None:
+        """Wait until at least C{count} bytes have been printed (by another thread)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.written >= count, timeout):
+                raise AssertionError(f"the guest printed only {self.written} of {count} bytes")
+
+    def hang_up(self) -> None:
+        """Close the pty as a VM that went away does (idempotent)."""
+        if not self._open:
+            return
+        self._open = False
+        os.write(self._stop_w, b"x")
+        self._reader.join(10)
+        for fd in (self.master, self.slave, self._stop_r, self._stop_w):
+            os.close(fd)
+
+    def close(self) -> None:
+        """Same as L{hang_up}: for cleanups."""
+        self.hang_up()
 
 
 class Server(protocol.ProcessProtocol):

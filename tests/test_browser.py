@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import select
-import socket
 import ssl
 import subprocess
 import sys
@@ -22,11 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from .helpers import write_self_signed
+from .helpers import ThreadedGuest, free_port, write_self_signed
 
 try:
     from playwright.sync_api import BrowserContext, ConsoleMessage, Page, Playwright
@@ -90,87 +88,6 @@ RECORD_WRITES = """() => {
         return write(data, done);
     };
 }"""
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the positional command line needs a number)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Guest:
-    """
-    The guest's side of a real pty pair: what it prints goes to the console through the
-    pty, what the console types is collected here (and handed to L{on_input}).
-    """
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.path = os.ttyname(self.slave)
-        self.written = 0
-        self.received = bytearray()
-        self.on_input: Callable[[bytes], None] | None = None
-        self._changed = threading.Condition()
-        self._write_lock = threading.Lock()
-        self._stop_r, self._stop_w = os.pipe()
-        self._open = True
-        self._reader = threading.Thread(target=self._read, name="guest-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.master, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            with self._changed:
-                self.received += data
-                self._changed.notify_all()
-            if self.on_input is not None:
-                self.on_input(data)
-
-    def write(self, data: bytes) -> None:
-        """Print C{data} (blocks while the console is not reading)."""
-        with self._write_lock:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.master, view) :]
-            with self._changed:
-                self.written += len(data)
-                self._changed.notify_all()
-
-    def print(self, *lines: str) -> None:
-        self.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
-
-    def wait_for_input(self, needle: bytes, timeout: float = 15) -> None:
-        """Wait until the console has typed C{needle} into the guest."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: needle in self.received, timeout):
-                raise AssertionError(
-                    f"the guest never got {needle!r}; last input: {bytes(self.received[-200:])!r}"
-                )
-
-    def wait_written(self, count: int, timeout: float = 60) -> None:
-        """Wait until at least C{count} bytes have been printed (by another thread)."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.written >= count, timeout):
-                raise AssertionError(f"the guest printed only {self.written} of {count} bytes")
-
-    def hang_up(self) -> None:
-        """Close the pty as a VM that went away does (idempotent)."""
-        if not self._open:
-            return
-        self._open = False
-        os.write(self._stop_w, b"x")
-        self._reader.join(10)
-        for fd in (self.master, self.slave, self._stop_r, self._stop_w):
-            os.close(fd)
 
 
 class ConsoleServer:
@@ -464,7 +381,7 @@ class BrowserTests(BrowserHarness):
 
     def setUp(self) -> None:
         super().setUp()
-        self.guest = Guest()
+        self.guest = ThreadedGuest()
         self.addCleanup(self.guest.hang_up)
 
     def start_server(self, *options: str, port: int | None = None) -> ConsoleServer:

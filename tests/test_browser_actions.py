@@ -17,8 +17,9 @@ from typing import Any
 
 from playwright.sync_api import Dialog
 
+from tests.helpers import ThreadedGuest
 from tests.test_actions_web import recording_qmp
-from tests.test_browser import BrowserHarness, Guest, Watched
+from tests.test_browser import BrowserHarness, Watched
 from tests.test_sources import _short_tempdir
 
 OUTCOME = "() => window.cloudConsole.state().lastOutcome"
@@ -30,9 +31,9 @@ class KeysPageBase(BrowserHarness):
 
     def setUp(self) -> None:
         super().setUp()
-        self.guest = Guest()
+        self.guest = ThreadedGuest()
         self.addCleanup(self.guest.hang_up)
-        self.plain = Guest()
+        self.plain = ThreadedGuest()
         self.addCleanup(self.plain.hang_up)
         self.commands: list[dict[str, Any]] = []
         qmp = recording_qmp(self, os.path.join(_short_tempdir(self), "vm.qmp"), self.guest.path, self.commands)

@@ -8,13 +8,10 @@ pty, a shell prompt); no sleeps.
 
 from __future__ import annotations
 
-import os
-import select
-import time
-
 from twisted.trial.unittest import SkipTest
 
 from tests.guest import BANNER, PROMPT, GuestUnavailable, QemuGuest
+from tests.helpers import ThreadedGuest
 from tests.test_browser import SHOWS_TEXT, BrowserHarness
 
 INDEX_STATE = "() => window.cloudConsoleIndex && window.cloudConsoleIndex.state()"
@@ -26,41 +23,6 @@ INDEX_ROWS = """names => {
     const hook = window.cloudConsoleIndex;
     return Boolean(hook) && JSON.stringify(hook.state().rows) === JSON.stringify(names);
 }"""
-
-
-class PlainPty:
-    """A pty whose master side the test holds (blocking reads with a deadline)."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.path = os.ttyname(self.slave)
-
-    def write(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def read_until(self, needle: bytes, timeout: float = 15) -> bytes:
-        got = b""
-        deadline = time.monotonic() + timeout
-        while needle not in got:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{needle!r} not typed; got {got!r}")
-            ready, _, _ = select.select([self.master], [], [], left)
-            if ready:
-                got += os.read(self.master, 4096)
-        return got
-
-    def hang_up(self) -> None:
-        """Close the master: the console hangs up."""
-        if self.master >= 0:
-            os.close(self.master)
-            self.master = -1
-
-    def close(self) -> None:
-        self.hang_up()
-        if self.slave >= 0:
-            os.close(self.slave)
-            self.slave = -1
 
 
 class FleetPageTests(BrowserHarness):
@@ -78,7 +40,7 @@ class FleetPageTests(BrowserHarness):
         except (GuestUnavailable, FileNotFoundError) as e:
             raise SkipTest(f"no QEMU guest here: {e} (tests/run.sh installs it)")
         self.addCleanup(guest.close)
-        plain = PlainPty()
+        plain = ThreadedGuest()
         self.addCleanup(plain.close)
         server = self.serve(
             None, "--console", f"vm1=qmp:{guest.qmp_path}", "--console", f"pty1={plain.path}"
@@ -104,7 +66,7 @@ class FleetPageTests(BrowserHarness):
         other.wait_for_text("plain pty says hello")
         other.page.click("#terminal")
         other.page.keyboard.type("typed here")
-        self.assertIn(b"typed here", plain.read_until(b"typed here"))
+        plain.wait_for_input(b"typed here")
         self.assertFalse(vm.page.evaluate(SHOWS_TEXT, "plain pty says hello"))
         self.assertFalse(other.page.evaluate(SHOWS_TEXT, BANNER.decode()))
         self.assertEqual(vm.state()["console"]["state"], "up")

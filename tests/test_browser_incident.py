@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from .test_browser import BrowserHarness, Guest
+from .helpers import ThreadedGuest
+from .test_browser import BrowserHarness
 
 #: The buffer line whose text contains the needle (wrapped rows not joined), or -1.
 LINE_OF = """needle => {
@@ -46,7 +47,7 @@ class IncidentPageTests(BrowserHarness):
 
     def setUp(self) -> None:
         super().setUp()
-        self.guest = Guest()
+        self.guest = ThreadedGuest()
         self.addCleanup(self.guest.hang_up)
 
     def line_of(self, watched: object, needle: str) -> int:
@@ -187,7 +188,7 @@ class WhoListPageTests(BrowserHarness):
 
     def setUp(self) -> None:
         super().setUp()
-        self.guest = Guest()
+        self.guest = ThreadedGuest()
         self.addCleanup(self.guest.hang_up)
 
     def test_who_list_two_named_pages(self) -> None:

@@ -35,8 +35,8 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 from cloud_console.access.links import LEEWAY
-from tests.helpers import free_port, handshake, write_self_signed
-from tests.test_browser import SHOWS_TEXT, BrowserHarness, ConsoleServer, Guest, Watched
+from tests.helpers import ThreadedGuest, free_port, handshake, write_self_signed
+from tests.test_browser import SHOWS_TEXT, BrowserHarness, ConsoleServer, Watched
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = "/usr/sbin/nginx"
@@ -222,7 +222,7 @@ class Host:
         self.test = test
         self.name = name
         self.port = free_port()
-        self.guests = {console: Guest() for console in consoles}
+        self.guests = {console: ThreadedGuest() for console in consoles}
         for guest in self.guests.values():
             test.addCleanup(guest.hang_up)
         self.log = test.tmp / f"{name}.log"
