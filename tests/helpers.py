@@ -190,26 +190,45 @@ def handshake(
 
 
 class FakePty:
-    """Stands in for the console device: records input, as a guest that reads it all."""
+    """
+    Stands in for the console device as the multiplexer sees it: buffered writes,
+    reading started and stopped, closes counted.
 
-    def __init__(self) -> None:
+    @ivar written: every byte written, in order; L{writes} keeps each write apart.
+    @ivar holds_input: the guest takes no input until L{drain} (what is written stays in
+        L{pending_input}); otherwise it reads everything at once.
+    """
+
+    def __init__(self, holds_input: bool = False) -> None:
+        self.holds_input = holds_input
         self.written = bytearray()
+        self.writes: list[bytes] = []
         self.pending_input = 0
         self.reading = False
-        self.closed = False
+        self.closed = 0
         self.watched = False
 
     def write(self, data: bytes) -> None:
         self.written += data
+        self.writes.append(data)
+        if self.holds_input:
+            self.pending_input += len(data)
+
+    def drain(self) -> None:
+        """The guest read everything queued."""
+        self.pending_input = 0
 
     def startReading(self) -> None:
         self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
 
     def set_watched(self, watched: bool) -> None:
         self.watched = watched
 
     def close(self) -> None:
-        self.closed = True
+        self.closed += 1
 
 
 class WebClient:

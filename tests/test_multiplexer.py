@@ -31,6 +31,8 @@ from cloud_console.console.multiplexer import (
     skip_marker,
 )
 
+from .helpers import FakePty
+
 
 @implementer(IConsoleClient)
 class FakeClient:
@@ -109,38 +111,6 @@ class FakeClient:
         d: Deferred[None] = Deferred()
         self.close_results.append(d)
         return d
-
-
-class FakePty:
-    """
-    The console device as the multiplexer sees it: a buffered write, start and close.
-
-    Its guest takes no input until L{drain}: what is written stays pending.
-    """
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.pending_input = 0
-        self.reading = 0
-        self.closed = 0
-        self.watched = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-        self.pending_input += len(data)
-
-    def drain(self) -> None:
-        """The guest read everything queued."""
-        self.pending_input = 0
-
-    def startReading(self) -> None:
-        self.reading += 1
-
-    def set_watched(self, watched: bool) -> None:
-        self.watched = watched
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 def attach(
@@ -705,7 +675,7 @@ class DetachAndCountTests(SynchronousTestCase):
         the log file does not count.
         """
         multiplexer = Multiplexer(100)
-        pty = FakePty()
+        pty = FakePty(holds_input=True)
         pty.watched = True
         multiplexer.console_up(pty)
         self.assertFalse(pty.watched)
@@ -719,7 +689,7 @@ class DetachAndCountTests(SynchronousTestCase):
         second.detach()
         self.assertFalse(pty.watched)
         attach(multiplexer, FakeClient())
-        again = FakePty()
+        again = FakePty(holds_input=True)
         multiplexer.console_down("rebooting")
         multiplexer.console_up(again)
         self.assertTrue(again.watched)
@@ -738,7 +708,7 @@ class InputTests(SynchronousTestCase):
     """What clients type goes to the pty, unless it may not."""
 
     def setUp(self) -> None:
-        self.pty = FakePty()
+        self.pty = FakePty(holds_input=True)
 
     def make(self, read_only: bool = False) -> Multiplexer:
         multiplexer = Multiplexer(100, read_only=read_only)
@@ -752,14 +722,14 @@ class InputTests(SynchronousTestCase):
         second = attach(multiplexer, FakeClient())
         first.send_input(b"ls\r")
         second.send_input(b"\x00\xff\x1b[A")
-        self.assertEqual(self.pty.written, [b"ls\r", b"\x00\xff\x1b[A"])
+        self.assertEqual(self.pty.writes, [b"ls\r", b"\x00\xff\x1b[A"])
         self.assertEqual((first.input_discarded, second.input_discarded), (0, 0))
 
     def test_empty_input(self) -> None:
         """Empty input writes nothing."""
         multiplexer = self.make()
         attach(multiplexer, FakeClient()).send_input(b"")
-        self.assertEqual(self.pty.written, [])
+        self.assertEqual(self.pty.writes, [])
 
     def test_read_only(self) -> None:
         """
@@ -771,7 +741,7 @@ class InputTests(SynchronousTestCase):
         with capturedLogs() as events:
             attachment.send_input(b"abc")
             attachment.send_input(b"de")
-        self.assertEqual(self.pty.written, [])
+        self.assertEqual(self.pty.writes, [])
         self.assertEqual(attachment.input_discarded, 5)
         [event] = events_with(events, "input discarded")
         self.assertEqual((event["why"], event["count"]), ("read-only", 3))
@@ -783,7 +753,7 @@ class InputTests(SynchronousTestCase):
         multiplexer.console_lost("EOF")
         with capturedLogs() as events:
             attachment.send_input(b"xyz")
-        self.assertEqual(self.pty.written, [])
+        self.assertEqual(self.pty.writes, [])
         self.assertEqual(attachment.input_discarded, 3)
         [event] = events_with(events, "input discarded")
         self.assertEqual(event["why"], "console closed")
@@ -804,7 +774,7 @@ class InputBacklogTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.multiplexer = Multiplexer(100)
-        self.pty = FakePty()
+        self.pty = FakePty(holds_input=True)
         self.multiplexer.console_up(self.pty)
 
     def test_queued_until_full_then_refused_whole(self) -> None:
@@ -819,11 +789,11 @@ class InputBacklogTests(SynchronousTestCase):
         self.assertIsNone(attachment.send_input(b"0123456789"))
         self.assertEqual(attachment.send_input(b"x"), "input backlog full")
         self.assertEqual(attachment.send_input(b"yz"), "input backlog full")
-        self.assertEqual(self.pty.written, [big, b"0123456789"])
+        self.assertEqual(self.pty.writes, [big, b"0123456789"])
         self.assertEqual(attachment.input_discarded, 3)
         self.pty.drain()
         self.assertIsNone(attachment.send_input(b"after"))
-        self.assertEqual(self.pty.written[-1], b"after")
+        self.assertEqual(self.pty.writes[-1], b"after")
 
     def test_backlog_shared_by_the_console(self) -> None:
         """The bound is per console: one client's paste fills it for everyone."""
@@ -862,7 +832,7 @@ class ConsoleDownTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_764_619_200)  # 2025-12-01T20:00:00Z
         self.multiplexer = Multiplexer(100, clock=self.clock)
-        self.pty = FakePty()
+        self.pty = FakePty(holds_input=True)
         self.multiplexer.console_up(self.pty, "opened pty /dev/pts/1")
         self.multiplexer.startService()
 
@@ -880,7 +850,7 @@ class ConsoleDownTests(SynchronousTestCase):
         self.assertEqual(client.closes, [])
         self.assertEqual(attachment.send_input(b"ls"), "console down")
         self.assertFalse(self.multiplexer.up)
-        second = FakePty()
+        second = FakePty(holds_input=True)
         self.clock.advance(3)
         self.multiplexer.console_up(second, "opened pty /dev/pts/2")
         self.assertEqual(client.states[-1], (True, "opened pty /dev/pts/2", "2025-12-01T20:00:03Z"))
@@ -889,14 +859,14 @@ class ConsoleDownTests(SynchronousTestCase):
         assert_contiguous(self, client, 0)
         self.assertEqual(bytes(client.received), b"before after")
         self.assertIsNone(attachment.send_input(b"ls"))
-        self.assertEqual(second.written, [b"ls"])
+        self.assertEqual(second.writes, [b"ls"])
         self.assertEqual(self.multiplexer.reopen_count, 1)
 
     def test_reopen_starts_a_new_boot(self) -> None:
         """Coming back starts a new boot: its first bytes are the new head."""
         self.multiplexer.output_received(b"first boot")
         self.multiplexer.console_down("gone")
-        self.multiplexer.console_up(FakePty())
+        self.multiplexer.console_up(FakePty(holds_input=True))
         self.assertEqual(self.multiplexer.history.head_start, 10)
 
     def test_lost_for_good_after_down(self) -> None:
@@ -906,7 +876,7 @@ class ConsoleDownTests(SynchronousTestCase):
         self.multiplexer.console_down("gone")
         self.multiplexer.console_lost("stopped")
         self.assertEqual([code for code, _ in client.closes], [CLOSE_CONSOLE_CLOSED])
-        device = FakePty()
+        device = FakePty(holds_input=True)
         self.multiplexer.console_up(device)
         self.assertEqual(device.closed, 1)
 
@@ -926,7 +896,7 @@ class HeadReplayTests(SynchronousTestCase):
 
     def make(self, history_size: int = 10, head_size: int = 5) -> Multiplexer:
         multiplexer = Multiplexer(history_size, lag_window=20, head_size=head_size)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         return multiplexer
 
     def test_head_skip_tail(self) -> None:
@@ -990,7 +960,7 @@ class HeadReplayTests(SynchronousTestCase):
     def test_head_reader_does_not_hold_the_guest(self) -> None:
         """A viewer paused while it is sent the head does not hold up reading."""
         multiplexer = Multiplexer(10, lag_window=20, head_size=5)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         multiplexer.output_received(bytes(50))
         live = FakeClient()
         attach(multiplexer, live)
@@ -1005,7 +975,7 @@ class TailAtLineBoundaryTests(SynchronousTestCase):
 
     def make(self, head_size: int = 5, lag_window: int = 100) -> Multiplexer:
         multiplexer = Multiplexer(20, lag_window=lag_window, head_size=head_size)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         return multiplexer
 
     def test_tail_inside_an_escape_sequence(self) -> None:
@@ -1052,7 +1022,7 @@ class TailAtLineBoundaryTests(SynchronousTestCase):
     def test_no_newline_within_the_search(self) -> None:
         """A tail with no newline in its first LINE_SEARCH bytes is replayed as cut."""
         multiplexer = Multiplexer(LINE_SEARCH + 10, lag_window=0, head_size=5)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         data = b"HEAD." + b"q" * 100 + b"r" * (LINE_SEARCH + 1) + b"\n" + b"s" * 9
         multiplexer.output_received(data)
         client = FakeClient()
@@ -1159,20 +1129,20 @@ class ServiceTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.multiplexer = Multiplexer(100)
-        self.pty = FakePty()
+        self.pty = FakePty(holds_input=True)
         self.multiplexer.console_up(self.pty)
 
     def test_start_reads(self) -> None:
         """Starting the service starts reading the pty."""
         self.multiplexer.startService()
-        self.assertEqual(self.pty.reading, 1)
+        self.assertTrue(self.pty.reading)
         self.assertTrue(self.multiplexer.running)
 
     def test_start_after_console_lost(self) -> None:
         """A console already lost is not read when the service starts."""
         self.multiplexer.console_lost("gone")
         self.multiplexer.startService()
-        self.assertEqual(self.pty.reading, 0)
+        self.assertFalse(self.pty.reading)
 
     def test_stop_closes_clients_then_pty(self) -> None:
         """
@@ -1228,7 +1198,7 @@ class ServiceTests(SynchronousTestCase):
         """A stall timer pending at shutdown is cancelled, not left to fire later."""
         clock = Clock()
         multiplexer = Multiplexer(100, clock=clock)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         multiplexer.startService()
         attach(multiplexer, FakeClient(limit=0))
         multiplexer.output_received(b"x")
@@ -1257,7 +1227,7 @@ class HeadWithinTheRingTests(SynchronousTestCase):
         everything the ring holds.
         """
         multiplexer = Multiplexer(10, lag_window=1000, head_size=5)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         data = bytes(range(50))
         multiplexer.output_received(data)
         client = FakeClient()
@@ -1269,7 +1239,7 @@ class HeadWithinTheRingTests(SynchronousTestCase):
     def test_live_output_after_the_head(self) -> None:
         """A head still being written reaches a client attached mid-head, then live output."""
         multiplexer = Multiplexer(10, lag_window=1000, head_size=100)
-        multiplexer.console_up(FakePty())
+        multiplexer.console_up(FakePty(holds_input=True))
         multiplexer.output_received(b"abc")
         client = FakeClient()
         attach(multiplexer, client)

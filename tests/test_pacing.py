@@ -49,27 +49,13 @@ class Viewer:
         return succeed(None)
 
 
-class ReadingPty(FakePty):
-    """A fake pty that records whether it is being read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reading = False
-
-    def startReading(self) -> None:
-        self.reading = True
-
-    def stopReading(self) -> None:
-        self.reading = False
-
-
 class PacingTests(SynchronousTestCase):
     """Multiplexer.read_budget and the stall timer."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.multiplexer = Multiplexer(1000, clock=self.clock, max_stall=0.1)
-        self.pty = ReadingPty()
+        self.pty = FakePty()
         self.multiplexer.console_up(self.pty)
         self.multiplexer.startService()
         self.assertTrue(self.pty.reading)
