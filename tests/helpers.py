@@ -667,6 +667,10 @@ def spawn_python(args: list[str]) -> Server:
     return server
 
 
+#: C{twistd}, as this checkout's Python runs it (C{spawn_python([*TWISTD, ...])}).
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
 def spawn_server(args: list[str]) -> Server:
     """A C{cloud-console ARGS} process (the positional or the option form)."""
     return spawn_python(["-m", "cloud_console.cli", *args])

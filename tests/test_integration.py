@@ -19,9 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import ROOT, Server, free_port, spawn_python
-
-TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+from tests.helpers import ROOT, TWISTD, Server, free_port, spawn_python
 
 
 class Client(WebSocketClientProtocol):  # type: ignore[misc]

@@ -13,7 +13,7 @@ from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
-from .helpers import free_port, spawn_python, write_self_signed
+from .helpers import TWISTD, free_port, spawn_python, write_self_signed
 from .test_integration import Client
 
 
@@ -31,7 +31,7 @@ class TLSTests(TestCase):
         os.write(master, b"over tls")
         port = free_port()
         server = spawn_python([
-            "-c", "from twisted.scripts.twistd import run; run()", "--pidfile",
+            *TWISTD, "--pidfile",
             os.path.abspath(self.mktemp()), "-n", "cloudconsole", "--pty", os.ttyname(slave),
             "--port", f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
         ])
