@@ -155,11 +155,8 @@ def run(options: usage.Options) -> int:
     )
 
     from .service import EXIT_CONSOLE_FAILED, StartupError, build_service
-    from .ssh import CONCH_NAMESPACES
 
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-    for namespace in CONCH_NAMESPACES:
-        levels.setLogLevelForNamespace(namespace, LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:

@@ -22,6 +22,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import (
+    TWISTD,
     Guest,
     Server,
     SSHClient,
@@ -29,6 +30,7 @@ from tests.helpers import (
     connect_v1,
     free_port,
     serve_process,
+    spawn_python,
     spawn_server,
     spawn_ssh,
     ssh_args,
@@ -629,6 +631,65 @@ class LimitTests(SSHTestCase):
         self.assertEqual(
             samples[("cloud_console_auth_failures_total", (("front", "ssh"), ("reason", "unknown key")))], 1
         )
+
+
+#: A line of Conch's own (its classes, or the door's subclasses of them) at debug or info
+#: in the server's log: the timestamp, then C{[NAMESPACE#LEVEL]}.
+CONCH_CHATTER = re.compile(
+    rb"\[(twisted\.conch\.[\w.]+|cloud_console\.ssh\.\w+\.Console"
+    rb"(SSHTransport|SSHConnection|UserAuth|Channel|User))#(debug|info)\]"
+)
+
+
+class ServerLogTests(SSHTestCase):
+    """
+    What SSH sessions leave in the server's log, under C{cloud-console} and C{twistd}
+    alike: the door's own lines, not Conch's packets and key exchanges, and no error
+    when a client simply ends.
+    """
+
+    async def sessions(self, server: Server, guest: Guest) -> None:
+        """A command that ends, then a viewer that attaches (logged after the first ended)."""
+        await guest.write(b"login: ")
+        command = self.ssh("vm1", "status")
+        self.assertEqual(await command.ended, 0)
+        viewer = self.ssh("vm1", terminal=True)
+        await viewer.wait_output(b"login: ")
+        await server.log_line(lambda err: b"SSH session on console vm1" in err)
+
+    def assert_quiet(self, log: bytes) -> None:
+        self.assertIn(b"SSH session on console vm1: alice@laptop", log)
+        self.assertNotIn(b"Got remote error", log)
+        self.assertEqual(CONCH_CHATTER.findall(log), [], log.decode(errors="replace"))
+
+    async def test_cloud_console(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        server = await self.serve("--console", f"vm1={guest.path}")
+        await self.sessions(server, guest)
+        self.assert_quiet(server.stderr)
+
+    async def test_twistd(self) -> None:
+        guest = self.guest()
+        self.authorize(self.key_line(self.alice))
+        self.ssh_port = free_port()
+        server = spawn_python([
+            *TWISTD, "--pidfile", os.path.abspath(self.mktemp()), "-n", "cloudconsole",
+            "--console", f"vm1={guest.path}",
+            "--port", f"tcp:port={free_port()}:interface=127.0.0.1",
+            "--ssh-port", f"tcp:port={self.ssh_port}:interface=127.0.0.1",
+            "--ssh-host-key", str(self.host_key), "--ssh-authorized-keys", str(self.authorized),
+        ])
+
+        async def stop() -> None:
+            if server.status is None:
+                server.signal("KILL")
+                await server.ended
+
+        self.addCleanup(stop)
+        await server.log_line(lambda err: b"ConsoleSSHFactory starting on" in err)
+        await self.sessions(server, guest)
+        self.assert_quiet(server.stderr)
 
 
 class LoginTimeoutTests(TestCase):

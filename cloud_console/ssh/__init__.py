@@ -7,14 +7,21 @@ or a user certificate says which consoles a key may open and whether it may type
 the console core and L{cloud_console.access}; the web door is not imported.
 """
 
-#: Where Conch logs each packet, channel and key exchange (at debug and info): quieted
-#: to warnings in the server's log, where one line per session attach and detach, and
-#: per refused login, says what an operator needs (L{cloud_console.ssh.session}).
-CONCH_NAMESPACES = (
-    "twisted.conch",
-    "cloud_console.ssh.factory.ConsoleSSHTransport",
-    "cloud_console.ssh.factory.ConsoleSSHFactory",
-    "cloud_console.ssh.auth.ConsoleUserAuth",
-    "cloud_console.ssh.session.ConsoleChannel",
-    "cloud_console.ssh.session.ConsoleUser",
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+
+#: The logger of the door's Conch classes (transport, authentication, connection,
+#: channel, avatar). Conch logs each packet, channel and key exchange at debug and info;
+#: through this logger only its warnings and errors reach the server's log, under
+#: C{cloud-console} and C{twistd} alike. One line per session attach and detach, and per
+#: refused login, says what an operator needs (L{cloud_console.ssh.session}).
+CONCH_LOG = Logger(
+    observer=FilteringLogObserver(
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
+    )
 )

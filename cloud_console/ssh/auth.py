@@ -44,6 +44,7 @@ from ..access.sshkeys import (
     certificate_public_key_blob,
     is_certificate_algorithm,
 )
+from . import CONCH_LOG
 
 #: Signature algorithms refused: SHA-1 RSA and DSA (OpenSSH refuses both by default).
 REFUSED_ALGORITHMS = frozenset(
@@ -235,6 +236,7 @@ class ConsoleUserAuth(userauth.SSHUserAuthServer):
     L{MAX_ATTEMPTS} attempts and L{LOGIN_TIMEOUT} seconds.
     """
 
+    _log = CONCH_LOG
     loginTimeout = LOGIN_TIMEOUT
     # Conch disconnects once the failures exceed this: the sixth failure closes.
     attemptsBeforeDisconnect = MAX_ATTEMPTS - 1

@@ -20,6 +20,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import CONCH_LOG
 from .auth import (
     USER_SIGNATURE_ALGORITHMS,
     AuthFailures,
@@ -46,6 +47,18 @@ class ConsoleSSHTransport(transport.SSHServerTransport):
     (or an RSA user key would fall back to SHA-1, which is refused).
     """
 
+    _log = CONCH_LOG
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        """
+        The client said why it disconnects. A client that is done (C{exit}, the
+        escape's quit, a terminal closed: C{DISCONNECT_BY_APPLICATION}) is no error, and
+        the session's detach line already says it ended; any other reason stays Conch's
+        error line.
+        """
+        if reasonCode != transport.DISCONNECT_BY_APPLICATION:
+            transport.SSHServerTransport.receiveError(self, reasonCode, description)
+
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         extensions = [
             (name, b",".join(USER_SIGNATURE_ALGORITHMS) if name == b"server-sig-algs" else value)
@@ -67,13 +80,20 @@ class _Realm:
         return IConchUser, ConsoleUser(avatarId, self.door), lambda: None
 
 
+class ConsoleSSHConnection(connection.SSHConnection):
+    """Conch's connection service, logging through L{CONCH_LOG} (warnings and errors)."""
+
+    _log = CONCH_LOG
+
+
 class ConsoleSSHFactory(factory.SSHFactory):
     """Serves the consoles over SSH with one host key and the door's keyring."""
 
+    _log = CONCH_LOG
     protocol = ConsoleSSHTransport
     services = {
         b"ssh-userauth": ConsoleUserAuth,
-        b"ssh-connection": connection.SSHConnection,
+        b"ssh-connection": ConsoleSSHConnection,
     }
 
     def __init__(self, door: SSHDoor, host_key: keys.Key, keyring: Keyring) -> None:

@@ -46,6 +46,7 @@ from ..console.multiplexer import (
     IConsoleClient,
     skip_marker,
 )
+from . import CONCH_LOG
 from .auth import AuthFailures, SSHLogin
 from .escape import Command, EscapeReader, describe_escape
 
@@ -118,6 +119,8 @@ class ConsoleUser(ConchUser):
     console session per connection), and nothing else (no forwarding of any kind).
     """
 
+    _log = CONCH_LOG
+
     def __init__(self, login: SSHLogin, door: SSHDoor) -> None:
         ConchUser.__init__(self)
         self.login = login
@@ -157,6 +160,7 @@ class _SocketFlow:
 class ConsoleChannel(SSHChannel):
     """One SSH session channel: a console viewer, or a command's output."""
 
+    _log = CONCH_LOG
     name = b"session"
 
     def __init__(self, avatar: ConsoleUser, **kwargs: Any) -> None:
