@@ -28,7 +28,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from cloud_console.console import readworker
 from cloud_console.console.device import ConsoleDevice
 from cloud_console.console.readers import ReadWorkers, _parse, _Worker
-from cloud_console.console.readworker import DATA, MAX_MESSAGE, RECORDS_PER_MESSAGE, Worker
+from cloud_console.console.readworker import (
+    ADOPT,
+    COMMAND,
+    DATA,
+    MAX_MESSAGE,
+    RECORDS_PER_MESSAGE,
+    Worker,
+)
 
 from .helpers import (
     FileWatch,
@@ -610,6 +617,25 @@ class GatherTests(SynchronousTestCase):
         self.assertEqual(received, data)
         self.assertLessEqual(max(sizes), MAX_MESSAGE)
         self.assertGreaterEqual(len(sizes), 4)
+
+    def test_adopted_console_read_at_once(self) -> None:
+        """
+        A console handed over with output waiting is read when its ADOPT is taken, as
+        the worker takes commands while it lingers, not after the lingering: at start-up
+        the consoles come in batches, each with the guest's output so far.
+        """
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        tty.setraw(slave, termios.TCSANOW)
+        fd = os.open(os.ttyname(slave), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        os.write(master, b"login: ")
+        select.select([slave], [], [], 10)
+        socket.send_fds(self.main, [COMMAND.pack(ADOPT, 8)], [fd])
+        os.close(fd)  # the worker has its own copy
+        self.worker.commands()  # what linger() does when a command comes
+        self.worker.flush()
+        self.assertEqual(self.received(), [(8, DATA, 7, b"login: ")])
 
     def test_gathered_then_short_read(self) -> None:
         """A full read, then a short one: both go out together, in order."""

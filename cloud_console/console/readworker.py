@@ -208,7 +208,14 @@ class Worker:
                     os.close(fd)
 
     def adopt(self, console: int, fd: int, log: int | None) -> None:
-        """Read C{fd} as C{console} (again: with new descriptors), logging to C{log}."""
+        """
+        Read C{fd} as C{console} (again: with new descriptors), logging to C{log}; what
+        it holds already is read now, not after a lingering (see L{linger}): at start-up
+        that is every console's output since the guest started, and the main process
+        hands its consoles over in batches, so a linger per batch made a thousand
+        consoles' logs wait 0.2 s more (1.07 s to all logged, against 0.70 s when the
+        first batch held them all).
+        """
         old = self.descriptors.get(console)
         if old is not None:
             self.forget(old)
@@ -217,6 +224,7 @@ class Worker:
         self.descriptors[console] = fd
         self.consoles[fd] = console
         self.poll.register(fd, select.EPOLLIN)
+        self.read(fd)
 
     def release(self, console: int) -> None:
         """
