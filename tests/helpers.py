@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -401,11 +402,39 @@ async def connect_v1(port: int, path: str = "/ws", headers: dict[str, str] | Non
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes local ports of outgoing connections from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the positional CLI needs a number)."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """
+    A port nobody listens on right now (the positional CLI needs a number), for a server
+    to bind a moment later.
+
+    Taken at random outside the kernel's ephemeral range, not from it (as a bind to port 0
+    would): in between, any connection the tests make, in this process or in another
+    trial worker, could be given an ephemeral port as its own, and the server would then
+    fail to bind.
+    """
+    low, high = _ephemeral_ports()
+    start, stop = (10000, low) if low > 11000 else (high + 1, 65536)
+    if stop - start < 1000:  # no room outside the range: leave the choice to the kernel
+        start, stop = 0, 1
+    for _ in range(100):
+        port = random.randrange(start, stop)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port found on {host} in [{start}, {stop})")
 
 
 class Guest:
