@@ -100,6 +100,9 @@ class ConsoleServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self._logger: threading.Thread | None = None
+        # Notified each time the copying thread has written a line to the log, so a test
+        # waits for what the server logs instead of racing the copy.
+        self._logged = threading.Condition()
 
     def start(self) -> None:
         """Start the process and wait for its port to be listening."""
@@ -125,6 +128,8 @@ class ConsoleServer:
             for line in stream:
                 log.write(line)
                 log.flush()
+                with self._logged:
+                    self._logged.notify_all()
                 if marker in line:
                     listening.set()
             listening.set()  # the process ended: stop waiting
@@ -138,6 +143,22 @@ class ConsoleServer:
         if self.process.poll() is not None or not listening.is_set():
             self.stop()
             raise AssertionError(f"cloud-console did not start:\n{self.log.read_text()}")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 15) -> list[str]:
+        """
+        Wait until C{count} lines of the log hold C{text}; return those lines. The server
+        logs a refusal before it answers, but its log reaches the file through a pipe and a
+        thread, so what a test has just seen answered may not be in the file yet.
+        """
+        def matching() -> list[str]:
+            return [line for line in self.log.read_text().splitlines() if text in line]
+
+        with self._logged:
+            if not self._logged.wait_for(lambda: len(matching()) >= count, timeout):
+                raise AssertionError(
+                    f"{count} log lines with {text!r} not logged in {timeout} s:\n{self.log.read_text()}"
+                )
+        return matching()
 
     def wait(self, timeout: float = 15) -> int:
         """Wait for the process to exit by itself; return its status."""

@@ -280,6 +280,11 @@ class Host:
     def refusals(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if REFUSED_ORIGIN in line]
 
+    def wait_for_log(self, text: str, count: int = 1) -> list[str]:
+        """The lines with C{text}, once C{count} of them have reached the log."""
+        assert self.server is not None
+        return self.server.wait_for_log(text, count)
+
 
 def upgrade_status(
     port: int, path: str, origin: str, bearer: str, tls: bool, extra: dict[str, str] | None = None
@@ -527,7 +532,7 @@ class NginxFleetTests(BrowserHarness):
         assert response is not None
         self.assertEqual(response.status, 401)
         self.assertNotIn("expired", page.content())  # the reason is for the log only
-        self.assertIn("signed link for alice has expired", self.host_a.log.read_text())
+        self.host_a.wait_for_log("signed link for alice has expired")
         self.assertEqual(
             upgrade_status(self.nginx.https_port, "/h/host-a/c/vm1/ws", self.nginx.origin, token, True),
             401,
@@ -539,7 +544,7 @@ class NginxFleetTests(BrowserHarness):
         response = page.goto(fresh.replace("/h/host-a/", "/h/host-b/"))
         assert response is not None
         self.assertEqual(response.status, 401)
-        self.assertIn("wrong signature", self.host_b.log.read_text())
+        self.host_b.wait_for_log("wrong signature")
 
         self.host_a.guests["vm1"].print("a fresh link works")
         watched = self.open_page(fresh)
@@ -556,7 +561,7 @@ class NginxFleetTests(BrowserHarness):
         path = "/c/vm1/ws"
         self.assertEqual(upgrade_status(host.port, path, nginx.origin, bearer, False), 403)
         self.assertEqual(upgrade_status(host.port, path, "https://evil.example", bearer, False), 403)
-        self.assertEqual(len(host.refusals()), 2)
+        self.assertEqual(len(host.wait_for_log(REFUSED_ORIGIN, 2)), 2)
         # What nginx adds, added by hand: accepted (so it is the header that decides).
         self.assertEqual(
             upgrade_status(
@@ -571,7 +576,7 @@ class NginxFleetTests(BrowserHarness):
         other_port = f"https://127.0.0.1:{nginx.http_port}"
         self.assertEqual(upgrade_status(nginx.https_port, proxied, other_port, bearer, True), 403)
         self.assertEqual(upgrade_status(nginx.https_port, proxied, "https://evil.example", bearer, True), 403)
-        self.assertEqual(len(host.refusals()), 4)
+        self.assertEqual(len(host.wait_for_log(REFUSED_ORIGIN, 4)), 4)
 
     def test_routes_and_headers(self) -> None:
         """
