@@ -612,10 +612,6 @@ class ThreadedGuest:
         for fd in (self.master, self.slave, self._stop_r, self._stop_w):
             os.close(fd)
 
-    def close(self) -> None:
-        """Same as L{hang_up}: for cleanups."""
-        self.hang_up()
-
 
 class Server(protocol.ProcessProtocol):
     """

@@ -150,15 +150,16 @@ class ConsoleServer:
         logs a refusal before it answers, but its log reaches the file through a pipe and a
         thread, so what a test has just seen answered may not be in the file yet.
         """
-        def matching() -> list[str]:
-            return [line for line in self.log.read_text().splitlines() if text in line]
-
         with self._logged:
-            if not self._logged.wait_for(lambda: len(matching()) >= count, timeout):
+            if not self._logged.wait_for(lambda: len(self.lines_with(text)) >= count, timeout):
                 raise AssertionError(
                     f"{count} log lines with {text!r} not logged in {timeout} s:\n{self.log.read_text()}"
                 )
-        return matching()
+        return self.lines_with(text)
+
+    def lines_with(self, text: str) -> list[str]:
+        """The lines of the log so far that hold C{text}."""
+        return [line for line in self.log.read_text().splitlines() if text in line]
 
     def wait(self, timeout: float = 15) -> int:
         """Wait for the process to exit by itself; return its status."""

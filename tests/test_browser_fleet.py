@@ -41,7 +41,7 @@ class FleetPageTests(BrowserHarness):
             raise SkipTest(f"no QEMU guest here: {e} (tests/run.sh installs it)")
         self.addCleanup(guest.close)
         plain = ThreadedGuest()
-        self.addCleanup(plain.close)
+        self.addCleanup(plain.hang_up)
         server = self.serve(
             None, "--console", f"vm1=qmp:{guest.qmp_path}", "--console", f"pty1={plain.path}"
         )

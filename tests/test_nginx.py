@@ -278,7 +278,9 @@ class Host:
         return url.partition("?token=")[2]
 
     def refusals(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if REFUSED_ORIGIN in line]
+        """The origin refusals logged so far."""
+        assert self.server is not None
+        return self.server.lines_with(REFUSED_ORIGIN)
 
     def wait_for_log(self, text: str, count: int = 1) -> list[str]:
         """The lines with C{text}, once C{count} of them have reached the log."""
