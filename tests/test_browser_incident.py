@@ -83,7 +83,11 @@ class IncidentPageTests(BrowserHarness):
         watched.wait_for("() => window.cloudConsole.state().search.resultCount === 2")
         self.assertEqual(page.text_content("#search-count"), "1 of 2")
         first = page.evaluate("() => window.cloudConsole.term.getSelectionPosition().start.y")
-        highlighted = page.evaluate("() => document.querySelectorAll('.xterm-find-result-decoration').length")
+        # The matches are counted at once, but their highlights are drawn by xterm's
+        # renderer on a later animation frame: wait for them, do not sample once.
+        highlighted = watched.wait_for(
+            "() => document.querySelectorAll('.xterm-find-result-decoration').length || false"
+        )
         self.assertGreaterEqual(highlighted, 1)
         page.click("#search-next")
         watched.wait_for("() => window.cloudConsole.state().search.resultIndex === 1")
